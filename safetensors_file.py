@@ -1,0 +1,81 @@
+"""Read and write .safetensors files from scratch (Hugging Face's tensor file format).
+
+Layout: header_size (u64, little-endian) | header (JSON, header_size bytes) | raw data.
+The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]}
+(offsets relative to the start of the data), plus an optional "__metadata__" dict of strings.
+"""
+import json
+import struct
+
+import torch
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+    """A .safetensors file that cannot be read; the message names the file and the problem."""
+
+
+def read_header(path):
+    """(header dict, data start offset, file bytes) of a .safetensors file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise SafetensorsError(f"{path}: truncated file (no header)")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if 8 + header_size > len(data):
+        raise SafetensorsError(f"{path}: truncated file (header runs past the end)")
+    try:
+        header = json.loads(data[8:8 + header_size])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SafetensorsError(f"{path}: not a safetensors file (bad header)") from None
+    return header, 8 + header_size, data
+
+
+def read_safetensors(path):
+    """{name: tensor} and the metadata dict of a .safetensors file."""
+    header, start, data = read_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        if info["dtype"] not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor '{name}' has unsupported dtype "
+                                   f"{info['dtype']}")
+        begin, end = info["data_offsets"]
+        if start + end > len(data):
+            raise SafetensorsError(f"{path}: tensor '{name}' runs past the end (truncated?)")
+        dtype = DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(data[start + begin:start + end]), dtype=dtype)
+        if flat.numel() != _numel(info["shape"]):
+            raise SafetensorsError(f"{path}: tensor '{name}' has {flat.numel()} values, "
+                                   f"shape {info['shape']} needs {_numel(info['shape'])}")
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors, metadata
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} (and optional {str: str} metadata) to a .safetensors file."""
+    header, chunks, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
