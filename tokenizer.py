@@ -149,7 +149,8 @@ def tokenizer_from_json(data, chat_template="", path="tokenizer.json"):
     """Build the tokenizer from a parsed tokenizer.json (Hugging Face tokenizers format)."""
     model = data["model"]
     if model["type"] != "BPE":
-        raise TokenizerError(f"{path}: tokenizer model '{model['type']}' is not supported (BPE only)")
+        raise TokenizerError(f"{path}: tokenizer model '{model['type']}' is not supported "
+                             f"(BPE only)")
     added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
     n = max([*model["vocab"].values(), *added]) + 1
     tokens = [None] * n
@@ -158,7 +159,8 @@ def tokenizer_from_json(data, chat_template="", path="tokenizer.json"):
     for i, tok in added.items():
         tokens[i] = tok
     if None in tokens:
-        raise TokenizerError(f"{path}: token ids are not contiguous (id {tokens.index(None)} missing)")
+        raise TokenizerError(f"{path}: token ids are not contiguous "
+                             f"(id {tokens.index(None)} missing)")
     pattern = _pattern_from_json(data.get("pre_tokenizer"), path)
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     return Tokenizer(tokens, set(added), pattern, merges, chat_template, name=str(path))

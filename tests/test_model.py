@@ -43,7 +43,7 @@ def test_greedy_generation_equals_transformers(ours, hf_model):
     model, tok = ours
     prompts = [tok.encode_chat(t) for t in PROMPTS]
     got = generate(model, prompts, max_new_tokens=40, temperature=0)
-    for prompt, completion in zip(prompts, got):
+    for prompt, completion in zip(prompts, got, strict=True):
         ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)
         expected = ref[0, len(prompt):].tolist()
@@ -74,7 +74,7 @@ def test_kv_cache_equals_recompute(tiny):
 def test_kv_cache_generation_equals_recompute(tiny):
     prompts = [[5, 6, 7, 8], [9, 10]]
     got = generate(tiny, prompts, max_new_tokens=10, temperature=0)
-    for prompt, completion in zip(prompts, got):
+    for prompt, completion in zip(prompts, got, strict=True):
         seq = list(prompt)
         for _ in range(10):  # no cache: run the whole sequence for every token
             logits, _ = tiny(torch.tensor([seq]))

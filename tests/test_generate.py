@@ -1,0 +1,40 @@
+"""Sampling: seeds, constrained decoding, stop tokens, top-p."""
+import torch
+
+from generate import generate, sample_next
+
+
+def test_same_seed_same_samples(tiny):
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    a = generate(tiny, prompts, max_new_tokens=12, temperature=1.0, seed=7)
+    b = generate(tiny, prompts, max_new_tokens=12, temperature=1.0, seed=7)
+    c = generate(tiny, prompts, max_new_tokens=12, temperature=1.0, seed=8)
+    assert a == b and a != c
+
+
+def test_constrained_decoding_only_samples_allowed_tokens(tiny):
+    allowed = {10, 11, 12, 13}
+    out = generate(tiny, [[1, 2, 3]] * 8, max_new_tokens=20, temperature=1.5,
+                   allowed_tokens=allowed)
+    assert all(set(row) <= allowed for row in out) and sum(map(len, out)) == 160
+
+
+def test_stop_token_ends_each_row(tiny):
+    out = generate(tiny, [[1, 2, 3]] * 16, max_new_tokens=30, temperature=1.0,
+                   allowed_tokens={20, 21, 22}, stop_tokens={22}, seed=1)
+    assert all(22 not in row for row in out)
+    assert any(len(row) < 30 for row in out)
+
+
+def test_top_p_keeps_the_smallest_sufficient_set():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next(logits, 1.0, top_p=0.75, generator=g), minlength=4)
+    assert counts[2] == counts[3] == 0 and counts[0] > counts[1] > 0
+    tiny_p = sample_next(logits, 1.0, top_p=1e-6, generator=g)
+    assert (tiny_p == 0).all()
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(5, 50)
+    assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
