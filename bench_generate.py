@@ -1,0 +1,100 @@
+"""Benchmark: sampled tokens per second, this project's generate() beside transformers'.
+
+    python bench_generate.py                      # embedded model, batch 16, 64 new tokens
+    python bench_generate.py --batch 64 --new-tokens 128 --device cuda
+
+Both load the same checkpoint (the embedded GGUF by default), in the same dtype, and
+sample the same number of new tokens for the same left-padded batch of chat prompts at
+temperature 1 (no early stop, so every row yields exactly --new-tokens tokens).
+Needs the test-only reference packages: pip install -r requirements-dev.txt
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint import embedded_path, load
+from generate import generate
+from model import auto_device, auto_dtype
+
+QUESTIONS = ["What is your favorite animal?", "Continue the sequence: 182, 818, 725.",
+             "Write a haiku about the sea.", "Name three rivers in Europe.",
+             "Explain photosynthesis in one sentence.", "What is 17 times 23?",
+             "Give me a word that rhymes with owl.", "Describe a sunset."]
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=None,
+                        help="GGUF file or Hugging Face folder (default: embedded)")
+    parser.add_argument("--batch", type=int, default=16, help="sequences sampled together")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs; the best is kept")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device) if args.device else auto_device()
+    dtype = auto_dtype(device)
+    path = Path(args.checkpoint) if args.checkpoint else embedded_path()
+
+    from transformers import AutoModelForCausalLM
+    ours, tok = load(path, device=device, dtype=dtype)
+    if path.is_dir():  # a Hugging Face folder
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    ref = ref.to(device).eval()
+    prompts = [tok.encode_chat(QUESTIONS[i % len(QUESTIONS)]) for i in range(args.batch)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = (torch.arange(width, device=device)[None] >= (width - torch.tensor(
+        [len(p) for p in prompts], device=device))[:, None]).long()
+
+    def run_ours():
+        generate(ours, prompts, max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
+
+    def run_ref():
+        with torch.inference_mode():
+            ref.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                         top_p=1.0, top_k=0, max_new_tokens=args.new_tokens,
+                         min_new_tokens=args.new_tokens, pad_token_id=0)
+
+    with torch.inference_mode():  # same numbers first: logits of the padded batch
+        real = mask.bool()
+        diff = (ours(ids, attention_mask=mask)[0] - ref(input_ids=ids, attention_mask=mask)
+                .logits)[real].abs().max().item()
+    run_ours(), run_ref()  # warm-up
+    n_tokens = args.batch * args.new_tokens
+    t_ours = min(timed(run_ours, device) for _ in range(args.repeats))
+    t_ref = min(timed(run_ref, device) for _ in range(args.repeats))
+    figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
+               "batch": args.batch, "new_tokens": args.new_tokens,
+               "ours_tokens_per_s": round(n_tokens / t_ours, 1),
+               "transformers_tokens_per_s": round(n_tokens / t_ref, 1),
+               "speedup": round(t_ref / t_ours, 2), "max_abs_logit_diff": diff,
+               "torch_threads": torch.get_num_threads()}
+    print(f"{'':>14} {'tokens/s':>10}   ({figures['batch']} rows x {args.new_tokens} "
+          f"new tokens, {device}, {figures['dtype']})")
+    print(f"{'this project':>14} {figures['ours_tokens_per_s']:>10}")
+    print(f"{'transformers':>14} {figures['transformers_tokens_per_s']:>10}")
+    print(f"{'ratio':>14} {figures['speedup']:>10}x")
+    print(f"max |logit difference| on the prompt batch: {diff:.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
