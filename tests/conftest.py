@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded checkpoint loaded by our code and by the references.
 
 transformers, gguf and tokenizers are test-only references (requirements-dev.txt)."""
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references load local files only
 
 from checkpoint import embedded_path, load  # noqa: E402
 from model import GPT, Config  # noqa: E402
