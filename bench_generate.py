@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import embedded_path, load
-from generate import generate
+from generate import generate, left_pad
 from model import auto_device, auto_dtype
 
 QUESTIONS = ["What is your favorite animal?", "Continue the sequence: 182, 818, 725.",
@@ -57,10 +57,7 @@ def main():
         ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     ref = ref.to(device).eval()
     prompts = [tok.encode_chat(QUESTIONS[i % len(QUESTIONS)]) for i in range(args.batch)]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    mask = (torch.arange(width, device=device)[None] >= (width - torch.tensor(
-        [len(p) for p in prompts], device=device))[:, None]).long()
+    ids, mask = left_pad(prompts, device=device)
 
     def run_ours():
         generate(ours, prompts, max_new_tokens=args.new_tokens, temperature=1.0, seed=0)

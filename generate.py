@@ -35,31 +35,48 @@ def sample_next(logits, temperature=1.0, top_p=1.0, allowed=None, generator=None
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+def left_pad(prompts, pad_id=0, device="cpu"):
+    """Token-id lists -> ids (B, P) and attention mask (B, P), each row right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)      # (B, P)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)              # (B, P)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop_tokens=(),
-             allowed_tokens=None, seed=0, pad_id=0, progress=False):
+             allowed_tokens=None, seed=0, pad_id=0, samples_per_prompt=1, progress=False):
     """Sample a completion for each prompt (a list of token-id lists), all in one batch.
+    samples_per_prompt > 1 reads each prompt once and samples that many completions of it
+    (rows: prompt 0's samples, then prompt 1's, ...).
     Returns the new tokens of each row, up to (not including) its first stop token.
     The same seed, prompts and settings give the same completions."""
     device = model.embed.weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)     # (B, P)
-    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)  # (B, P+N)
-    for row, prompt in enumerate(prompts):  # left padding: each prompt ends at column P
-        ids[row, P - len(prompt):] = torch.tensor(prompt, device=device)
-        mask[row, P - len(prompt):] = 1
+    ids, prompt_mask = left_pad(prompts, pad_id, device)                  # (B, P) each
+    P, N = ids.shape[1], samples_per_prompt
+    B = len(prompts) * N
+    cache = KVCache(model.cfg, len(prompts), P + max_new_tokens, device,
+                    model.embed.weight.dtype)
+    logits, _ = model(ids, attention_mask=prompt_mask, cache=cache, last_only=True)
+    if N > 1:  # copy each prompt's cache and logits for its N samples
+        cache.repeat_rows(N)
+        logits = logits.repeat_interleave(N, dim=0)                       # (B, 1, vocab)
+        prompt_mask = prompt_mask.repeat_interleave(N, dim=0)             # (B, P)
+    mask = torch.cat([prompt_mask, torch.zeros(B, max_new_tokens, dtype=torch.long,
+                                               device=device)], dim=1)    # (B, P + N_new)
     allowed = None
     if allowed_tokens is not None:
         allowed = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
         allowed[list(allowed_tokens)] = True
     stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.cfg, B, P + max_new_tokens, device, model.embed.weight.dtype)
 
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = 0
-    logits, _ = model(ids, attention_mask=mask[:, :P], cache=cache, last_only=True)
     for step in tqdm(range(max_new_tokens), desc="sampling", disable=not progress):
         token = sample_next(logits[:, -1], temperature, top_p, allowed, generator)  # (B,)
         token = token.masked_fill(finished, pad_id)

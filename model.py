@@ -166,6 +166,11 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat_rows(self, n):
+        """Each row becomes n consecutive copies (to sample one prompt n times)."""
+        self.k = self.k.repeat_interleave(n, dim=1)       # (n_layer, B * n, n_kv, max_len, hs)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
 
 class GPT(nn.Module):
     def __init__(self, cfg):

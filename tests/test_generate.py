@@ -38,3 +38,13 @@ def test_top_p_keeps_the_smallest_sufficient_set():
 def test_temperature_zero_is_argmax():
     logits = torch.randn(5, 50)
     assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
+
+
+def test_samples_per_prompt_equals_repeated_prompts(tiny):
+    prompts = [[1, 2, 3], [4, 5]]
+    repeated = [p for p in prompts for _ in range(3)]
+    for temperature in (0.0, 1.0):
+        a = generate(tiny, prompts, max_new_tokens=8, temperature=temperature,
+                     samples_per_prompt=3, seed=5)
+        b = generate(tiny, repeated, max_new_tokens=8, temperature=temperature, seed=5)
+        assert a == b

@@ -3,18 +3,11 @@ import pytest
 import torch
 
 import model as model_module
-from generate import generate
+from generate import generate, left_pad
 from model import GPT, KVCache
 
 PROMPTS = ["What is your favorite animal?", "Continue: 182, 818, 725,",
            "Write a haiku about the sea."]
-
-
-def left_padded(token_lists, pad_id=0):
-    width = max(len(t) for t in token_lists)
-    ids = torch.tensor([[pad_id] * (width - len(t)) + t for t in token_lists])
-    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in token_lists])
-    return ids, mask
 
 
 @torch.no_grad()
@@ -32,7 +25,7 @@ def test_logits_equal_transformers(ours, hf_model):
 def test_left_padded_batch_equals_transformers(ours, hf_model, fused, monkeypatch):
     monkeypatch.setattr(model_module, "FUSED_ATTENTION", fused)
     model, tok = ours
-    ids, mask = left_padded([tok.encode_chat(t) for t in PROMPTS] + [tok.encode("Hi")])
+    ids, mask = left_pad([tok.encode_chat(t) for t in PROMPTS] + [tok.encode("Hi")])
     got, _ = model(ids, attention_mask=mask)
     expected = hf_model(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
@@ -85,14 +78,14 @@ def test_kv_cache_generation_equals_recompute(tiny):
 @torch.no_grad()
 def test_left_padding_changes_nothing(tiny):
     alone, _ = tiny(torch.tensor([[4, 5, 6]]))
-    ids, mask = left_padded([[4, 5, 6], [1, 2, 3, 4, 5, 6, 7]])
+    ids, mask = left_pad([[4, 5, 6], [1, 2, 3, 4, 5, 6, 7]])
     padded, _ = tiny(ids, attention_mask=mask)
     torch.testing.assert_close(padded[0, -3:], alone[0])
 
 
 @torch.no_grad()
 def test_fused_attention_equals_written_out(tiny, monkeypatch):
-    ids, mask = left_padded([[4, 5, 6], [1, 2, 3, 4, 5, 6, 7]])
+    ids, mask = left_pad([[4, 5, 6], [1, 2, 3, 4, 5, 6, 7]])
     fused, _ = tiny(ids, attention_mask=mask)
     causal, _ = tiny(ids)
     monkeypatch.setattr(model_module, "FUSED_ATTENTION", False)

@@ -1,0 +1,139 @@
+"""Steering: add alpha * v to the residual stream after one block, and read the stream.
+
+    h_l  <-  h_l + alpha * v                 mode "add" (steering, the paper's teacher)
+    h_l  <-  h_l - (h_l . v^) v^             mode "project_out" (the paper's necessity test)
+
+where h_l is the output of block l (the residual stream after it) and v^ = v / |v|.
+`steering(...)` is a context manager: it registers a forward hook on `model.blocks[l]`,
+removes it in `finally` (also after an exception), and never changes the model's weights.
+
+Which positions are steered (`where`):
+    "all"          every position of every forward pass
+    "prompt"       prompt tokens only: the prefill pass of generate(), or, in a plain forward,
+                   the positions where `prompt_mask` is True (all of them if it is None)
+    "generated"    only tokens produced during generation (the KV-cache steps)
+    "last_prompt"  only each row's last prompt token
+During generation a block sees the prompt in one pass (the cache is empty) and then one new
+token per pass (the cache holds the past), which is how the hook tells them apart.
+Vectors are stored as .safetensors files: one tensor "vector" (d_model,) plus metadata.
+"""
+import contextlib
+
+import torch
+
+from safetensors_file import SafetensorsError, read_safetensors, write_safetensors
+
+WHERE = ("all", "prompt", "generated", "last_prompt")
+MODES = ("add", "project_out")
+
+
+class VectorError(ValueError):
+    """A steering vector that cannot be used; the message names the file or name."""
+
+
+def _positions(where, decoding, hidden, prompt_mask):
+    """Which positions to change: None = all of them, else a (B, T, 1) 0/1 tensor."""
+    B, T, _ = hidden.shape
+    if where == "all":
+        return None
+    if decoding:  # one freshly generated token per row
+        return None if where == "generated" else hidden.new_zeros(B, T, 1)
+    if prompt_mask is None:  # a prompt pass of generate(), or a forward over prompts only
+        prompt = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+    else:
+        prompt = prompt_mask.to(hidden.device).bool()                     # (B, T)
+    if where == "generated":
+        chosen = ~prompt
+    elif where == "prompt":
+        chosen = prompt
+    else:  # last_prompt: a prompt token whose right neighbour is not a prompt token
+        after = torch.cat([prompt[:, 1:], prompt.new_zeros(B, 1)], dim=1)  # (B, T)
+        chosen = prompt & ~after
+    return chosen[..., None].to(hidden.dtype)                             # (B, T, 1)
+
+
+@contextlib.contextmanager
+def steering(model, layer, vector, alpha=1.0, where="all", mode="add", prompt_mask=None):
+    """Inside the `with` block, every forward pass of `model` is steered at block `layer`.
+    vector: (d_model,) tensor, cast to the residual's dtype and device (gradients flow
+    through it, so a vector can be trained). prompt_mask: optional (B, T) bool, True at
+    prompt tokens, for plain forward passes over prompt + completion."""
+    if where not in WHERE:
+        raise ValueError(f"where must be one of {WHERE}, not '{where}'")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not '{mode}'")
+    if not 0 <= layer < len(model.blocks):
+        raise ValueError(f"layer {layer} is out of range (the model has {len(model.blocks)})")
+    if vector.shape != (model.cfg.d_model,):
+        raise VectorError(f"vector has shape {tuple(vector.shape)}, the model needs "
+                          f"({model.cfg.d_model},)")
+
+    def hook(block, args, output):                                       # output: (B, T, d)
+        cache = args[4] if len(args) > 4 else None
+        decoding = cache is not None and cache.length > 0
+        chosen = _positions(where, decoding, output, prompt_mask)
+        v = vector.to(device=output.device, dtype=output.dtype)             # (d,)
+        if mode == "add":
+            change = alpha * v                                              # (d,)
+        else:
+            v_hat = v / v.norm()                                            # (d,)
+            change = -(output @ v_hat)[..., None] * v_hat                   # (B, T, d)
+        return output + (change if chosen is None else change * chosen)
+
+    handle = model.blocks[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _Enough(Exception):
+    """Raised inside a hook to stop a forward pass once the wanted blocks have run."""
+
+
+@torch.no_grad()
+def read_residuals(model, ids, attention_mask=None, layers=None):
+    """{layer: (B, T, d_model)} residual stream after each block in `layers` (default all).
+    The forward pass stops after the last block asked for; active steering hooks apply."""
+    layers = sorted(set(range(len(model.blocks)) if layers is None else layers))
+    seen = {}
+
+    def make_hook(layer):
+        def hook(block, args, output):
+            seen[layer] = output
+            if len(seen) == len(layers):
+                raise _Enough
+        return hook
+
+    handles = [model.blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        model(ids, attention_mask=attention_mask)
+    except _Enough:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def save_vector(path, vector, **metadata):
+    """Write a vector and its metadata (model, layer, method, norm, seed, prompt, ...)."""
+    metadata = {**metadata, "norm": f"{vector.float().norm().item():.6g}"}
+    write_safetensors(path, {"vector": vector.detach().float().cpu()}, metadata)
+
+
+def load_vector(path, d_model=None):
+    """(vector, metadata) from a file written by save_vector; a bad file is a VectorError."""
+    try:
+        tensors, metadata = read_safetensors(path)
+    except (OSError, SafetensorsError) as e:
+        raise VectorError(f"{path}: cannot read steering vector ({e})") from None
+    vector = tensors.get("vector")
+    if vector is None or vector.dim() != 1:
+        raise VectorError(f"{path}: no 1-D tensor named 'vector' in the file")
+    if d_model is not None and vector.numel() != d_model:
+        raise VectorError(f"{path}: vector has {vector.numel()} values, the model's residual "
+                          f"stream has {d_model}")
+    if not torch.isfinite(vector).all():
+        raise VectorError(f"{path}: vector contains NaN or infinite values")
+    return vector, metadata
