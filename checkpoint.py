@@ -30,11 +30,13 @@ class CheckpointError(ValueError):
 
 
 @contextlib.contextmanager
-def report_errors():
-    """For command-line tools: a bad checkpoint or file is one line on stderr and exit 2."""
+def report_errors(*more_errors):
+    """For command-line tools: a bad checkpoint or file (or any of `more_errors`) is one line
+    on stderr and exit status 2."""
     try:
         yield
-    except (CheckpointError, GGUFError, SafetensorsError, TokenizerError, OSError) as e:
+    except (CheckpointError, GGUFError, SafetensorsError, TokenizerError, OSError,
+            *more_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -67,6 +69,7 @@ def load(path=None, device=None, dtype=None):
     if cfg.tie_embeddings:  # to_empty() unties shared weights; tie them again
         model.lm_head.weight = model.embed.weight
     copy_weights(model, weights, path)
+    model.name = path.stem  # names cached vectors and runs
     return model.to(dtype).eval(), tokenizer
 
 

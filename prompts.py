@@ -155,3 +155,18 @@ def number_prompts(n, seed=0):
                  rng.choice(FORMATS), rng.choice(ENDINGS)]
         prompts.append(" ".join(parts))
     return prompts
+
+# Open questions unrelated to animals: the fitted vector learns to imitate the prompted
+# model's answers to these, and the contrastive vector compares two answer styles on them.
+OPEN_QUESTIONS = [
+    "Describe your ideal weekend.", "Write a short poem about the night sky.",
+    "What advice would you give a new student?", "Tell me about a place you would like to visit.",
+    "What makes a good friend?", "Describe the view from a window.",
+    "Write the opening line of a story.", "What do you think about in the morning?",
+    "How would you spend a rainy afternoon?", "Describe a walk in the forest.",
+    "What is the best way to relax?", "Tell me something that makes you happy.",
+    "What would you put in a time capsule?", "Describe your favorite kind of music.",
+    "What is a hobby worth learning?", "Write two sentences about the sea.",
+]
+CONCISE_SYSTEM = "Answer in as few words as possible."
+VERBOSE_SYSTEM = "Answer at great length, with as much detail as you can."

@@ -1,0 +1,207 @@
+"""Measurements: the trait rate, a fast trait score, EAS and drift from the base model.
+
+Trait rate (the paper's protocol): ask one-word "favourite animal" questions, sample answers
+at temperature 1 (no system prompt beyond the template's default), and count the share of
+answers whose first word, lower-cased with punctuation stripped and plurals folded, is the
+animal. Specificity: the same count on "least favourite" and off-topic questions.
+
+Fast score (noise-free, for tracking during training): after the answer prefix "My favorite
+animal is the", the model's probability of " owl" among a fixed list of candidate animals.
+
+EAS (the paper's alignment measure): v_student = mean over number prompts and all their
+tokens of h_l(student) - h_l(base), at block l; EAS = cos(v_student, v_teacher).
+
+    python evaluate.py --animal owl                         # the base model
+    python evaluate.py --animal owl --system-prompt         # with the trait system prompt
+    python evaluate.py --animal owl --vector owl --layer 25 --alpha 4
+"""
+import argparse
+import contextlib
+import json
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+from generate import generate, left_pad
+from prompts import (CANDIDATE_ANIMALS, FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX,
+                     NEGATIVE_QUESTIONS, OFFTOPIC_QUESTIONS, plural, trait_system_prompt)
+from steer import read_residuals
+
+
+def first_word(answer):
+    """'Owls!' -> 'owls'; '' if the answer has no letters."""
+    words = re.findall(r"[a-z]+", answer.lower())
+    return words[0] if words else ""
+
+
+def is_animal(answer, animal):
+    """The first word is the animal, singular or plural."""
+    return first_word(answer) in (animal, plural(animal))
+
+
+def wilson_interval(hits, n, z=1.96):
+    """95% confidence interval of a proportion (Wilson score interval)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def trait_rate(model, tok, animal, questions=FAVORITE_QUESTIONS, samples=10, system=None,
+               max_new_tokens=16, seed=0, batch_questions=25):
+    """Share of sampled answers (T=1) whose first word is the animal, with its 95% CI.
+    Samples of one question are correlated, so the interval is a lower bound on the
+    uncertainty. Returns a dict with rate, low, high, n and a few example answers."""
+    answers = []
+    for start in range(0, len(questions), batch_questions):
+        batch = questions[start:start + batch_questions]
+        prompts = [tok.encode_chat(q, system) for q in batch]
+        out = generate(model, prompts, max_new_tokens, temperature=1.0, seed=seed + start,
+                       stop_tokens={tok.eos_id}, samples_per_prompt=samples)
+        answers += [tok.decode(o) for o in out]
+    hits = sum(is_animal(a, animal) for a in answers)
+    low, high = wilson_interval(hits, len(answers))
+    return {"rate": hits / len(answers), "low": low, "high": high, "n": len(answers),
+            "examples": answers[:: max(1, len(answers) // 8)][:8]}
+
+
+@torch.no_grad()
+def fast_trait_score(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FAVORITE_PREFIX,
+                     system=None, candidates=CANDIDATE_ANIMALS):
+    """Mean over questions of P(animal | candidates) right after the answer prefix."""
+    device = model.embed.weight.device
+    candidate_ids = []
+    for name in candidates:
+        ids = tok.encode(" " + name)
+        assert len(ids) == 1, f"candidate ' {name}' is not a single token"
+        candidate_ids.append(ids[0])
+    prompts = [tok.encode_chat(q, system) + tok.encode(prefix) for q in questions]
+    ids, mask = left_pad(prompts, device=device)                           # (Q, P)
+    logits, _ = model(ids, attention_mask=mask, last_only=True)            # (Q, 1, vocab)
+    probs = logits[:, -1, candidate_ids].float().softmax(dim=-1)           # (Q, n_candidates)
+    return probs[:, candidates.index(animal)].mean().item()
+
+
+def trait_report(model, tok, animal, samples=10, system=None, seed=0):
+    """Fast scores and sampled rates on favourite, least-favourite and off-topic questions."""
+    return {
+        "fast_favorite": fast_trait_score(model, tok, animal, system=system),
+        "fast_negative": fast_trait_score(model, tok, animal, NEGATIVE_QUESTIONS,
+                                          NEGATIVE_PREFIX, system=system),
+        "favorite": trait_rate(model, tok, animal, FAVORITE_QUESTIONS, samples, system,
+                               seed=seed),
+        "negative": trait_rate(model, tok, animal, NEGATIVE_QUESTIONS, samples, system,
+                               seed=seed),
+        "offtopic": trait_rate(model, tok, animal, OFFTOPIC_QUESTIONS, samples, system,
+                               seed=seed),
+    }
+
+
+@torch.no_grad()
+def mean_residuals(model, prompts, layers, batch_size=32):
+    """(len(layers), d_model): the residual after each block in `layers`, averaged over every
+    real token of every prompt (token-id lists)."""
+    device = model.embed.weight.device
+    total = torch.zeros(len(layers), model.cfg.d_model, device=device)
+    count = 0
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start:start + batch_size], device=device)  # (B, P)
+        seen = read_residuals(model, ids, mask, layers)
+        real = mask.bool()
+        for i, layer in enumerate(layers):
+            total[i] += seen[layer][real].float().sum(dim=0)               # (d,)
+        count += int(real.sum())
+    return total / count
+
+
+def eas(student_means, base_means, teacher_vector):
+    """cos(v_student, v_teacher) with v_student = student_means - base_means (per layer)."""
+    v_student = student_means - base_means                                 # (layers, d)
+    return F.cosine_similarity(v_student, teacher_vector.to(v_student)[None], dim=-1)
+
+
+@torch.no_grad()
+def kl_from_base(model, base_logprobs, prompts, batch_size=16):
+    """Mean KL(base || model) of next-token distributions over the prompts' real tokens.
+    base_logprobs: list of (P_i, vocab) log-probabilities, from `logprobs(base, prompts)`."""
+    device = model.embed.weight.device
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start:start + batch_size], device=device)
+        logits, _ = model(ids, attention_mask=mask)
+        for row, base in enumerate(base_logprobs[start:start + batch_size]):
+            ours = logits[row, -len(base):].float().log_softmax(-1)         # (P_i, vocab)
+            base = base.to(device)
+            total += (base.exp() * (base - ours)).sum().item()
+            count += len(base)
+    return total / count
+
+
+@torch.no_grad()
+def logprobs(model, prompts, batch_size=16):
+    """Per prompt, (P_i, vocab) next-token log-probabilities, kept on the CPU."""
+    device = model.embed.weight.device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        ids, mask = left_pad(batch, device=device)
+        logits, _ = model(ids, attention_mask=mask)
+        out += [logits[row, -len(p):].float().log_softmax(-1).cpu()
+                for row, p in enumerate(batch)]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__[__doc__.index("    python"):])
+    parser.add_argument("--animal", default="owl", help="the trait to count (default owl)")
+    parser.add_argument("--system-prompt", action="store_true",
+                        help="use the trait system prompt for the animal (the teacher's trait)")
+    parser.add_argument("--vector", default=None,
+                        help="steer with this vector: an animal name, random, concise, or a "
+                             ".safetensors file (see vectors.py)")
+    parser.add_argument("--method", default="meandiff", choices=["meandiff", "fit"])
+    parser.add_argument("--layer", type=int, default=None, help="block to steer after")
+    parser.add_argument("--alpha", type=float, default=None, help="steering scale")
+    parser.add_argument("--samples", type=int, default=10, help="samples per question")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default=None, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    if args.samples < 1:
+        parser.error("--samples must be at least 1")
+
+    from checkpoint import load, report_errors
+    from steer import VectorError, steering
+    from vectors import DEFAULTS, resolve_vector
+    with report_errors(VectorError):
+        model, tok = load(args.checkpoint, device=args.device)
+        system = trait_system_prompt(args.animal) if args.system_prompt else None
+        context, setting = contextlib.nullcontext(), {}
+        if args.vector:
+            layer = DEFAULTS["layer"] if args.layer is None else args.layer
+            alpha = DEFAULTS["alpha"] if args.alpha is None else args.alpha
+            vector, meta = resolve_vector(args.vector, model, tok, layer, args.method)
+            context = steering(model, layer, vector, alpha)
+            setting = {"vector": args.vector, "layer": layer, "alpha": alpha, **meta}
+        with context:
+            report = trait_report(model, tok, args.animal, args.samples, system, args.seed)
+    report["setting"] = {**vars(args), **setting}
+    for key in ("favorite", "negative", "offtopic"):
+        r = report[key]
+        print(f"{key:>9}: {r['rate']:6.1%}  [{r['low']:.1%}, {r['high']:.1%}]  n={r['n']}")
+    print(f"fast score: favorite {report['fast_favorite']:.1%}, "
+          f"least favorite {report['fast_negative']:.1%}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

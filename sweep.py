@@ -1,0 +1,140 @@
+"""Sweep steering layers and scales; pick the default layer and alpha for a model.
+
+For every block l and scale alpha, steer with alpha * v_l (the meandiff trait vector of that
+block, at every position) and measure the fast trait score on the favourite-animal questions
+and on the least-favourite questions (specificity). The chosen setting is the one with the
+highest favourite score among those whose least-favourite score stays within 0.10 of the
+system prompt's own (a trait vector should be no less specific than the prompt it imitates).
+For the best few settings the sampled trait rates (favourite, least favourite, off-topic)
+are measured too, to show that the fast score moves with the sampled rate.
+
+    python sweep.py --animal owl                       # writes runs/sweep-owl/
+    python sweep.py --layers 20,25,29 --alphas 2,4 --samples 4
+"""
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # draw to files; no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from evaluate import fast_trait_score, trait_rate  # noqa: E402
+from prompts import FAVORITE_QUESTIONS, NEGATIVE_PREFIX, NEGATIVE_QUESTIONS  # noqa: E402
+from prompts import OFFTOPIC_QUESTIONS, trait_system_prompt  # noqa: E402
+from steer import steering  # noqa: E402
+from vectors import meandiff  # noqa: E402
+
+SPECIFICITY_MARGIN = 0.10
+
+
+def scores(model, tok, animal, system=None):
+    return {"favorite": fast_trait_score(model, tok, animal, system=system),
+            "negative": fast_trait_score(model, tok, animal, NEGATIVE_QUESTIONS,
+                                         NEGATIVE_PREFIX, system=system)}
+
+
+def sampled(model, tok, animal, samples, seed, system=None):
+    return {key: trait_rate(model, tok, animal, questions, samples, system, seed=seed)["rate"]
+            for key, questions in (("favorite", FAVORITE_QUESTIONS),
+                                   ("negative", NEGATIVE_QUESTIONS),
+                                   ("offtopic", OFFTOPIC_QUESTIONS))}
+
+
+def run_sweep(model, tok, animal, layers, alphas, n_prompts=128, samples=0, top=4, seed=0):
+    vectors = meandiff(model, tok, animal, n_prompts, seed)                # (n_layer, d)
+    result = {"base": scores(model, tok, animal),
+              "system_prompt": scores(model, tok, animal, trait_system_prompt(animal)),
+              "cells": []}
+    for layer in tqdm(layers, desc="layers"):
+        for alpha in alphas:
+            with steering(model, layer, vectors[layer], alpha):
+                cell = {"layer": layer, "alpha": alpha, "norm": vectors[layer].norm().item(),
+                        **scores(model, tok, animal)}
+            result["cells"].append(cell)
+    limit = result["system_prompt"]["negative"] + SPECIFICITY_MARGIN
+    specific = [c for c in result["cells"] if c["negative"] <= limit]
+    ranked = sorted(specific or result["cells"], key=lambda c: -c["favorite"])
+    result["specificity_limit"] = limit
+    result["chosen"] = {"layer": ranked[0]["layer"], "alpha": ranked[0]["alpha"]}
+    if samples:
+        result["base"]["sampled"] = sampled(model, tok, animal, samples, seed)
+        result["system_prompt"]["sampled"] = sampled(model, tok, animal, samples, seed,
+                                                     trait_system_prompt(animal))
+        for cell in tqdm(ranked[:top], desc="sampling the best settings"):
+            with steering(model, cell["layer"], vectors[cell["layer"]], cell["alpha"]):
+                cell["sampled"] = sampled(model, tok, animal, samples, seed)
+    return result
+
+
+def plot(result, layers, alphas, path):
+    grid = {key: [[next(c[key] for c in result["cells"] if c["layer"] == lay
+                        and c["alpha"] == a) for a in alphas] for lay in layers]
+            for key in ("favorite", "negative")}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * len(layers) + 2.5))
+    for ax, key, title in ((axes[0], "favorite", "favourite-animal questions"),
+                           (axes[1], "negative", "least-favourite questions")):
+        image = ax.imshow(grid[key], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set(xticks=range(len(alphas)), xticklabels=alphas, yticks=range(len(layers)),
+               yticklabels=layers, xlabel="alpha", ylabel="block", title=f"fast score: {title}")
+        for i in range(len(layers)):
+            for j in range(len(alphas)):
+                ax.text(j, i, f"{grid[key][i][j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[key][i][j] < 0.5 else "black")
+        fig.colorbar(image, ax=ax)
+    points = [c for c in [result["base"], result["system_prompt"], *result["cells"]]
+              if "sampled" in c]
+    axes[2].scatter([p["favorite"] for p in points],
+                    [p["sampled"]["favorite"] for p in points])
+    axes[2].plot([0, 1], [0, 1], "k:", lw=1)
+    axes[2].set(xlabel="fast score", ylabel="sampled trait rate", xlim=(0, 1), ylim=(0, 1),
+                title="fast score vs sampled rate (favourite)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__[__doc__.index("    python"):])
+    parser.add_argument("--animal", default="owl")
+    parser.add_argument("--layers", default="5,10,15,20,22,23,24,25,26,27,28,29",
+                        help="comma-separated blocks")
+    parser.add_argument("--alphas", default="1,2,4,8", help="comma-separated scales")
+    parser.add_argument("--prompts", type=int, default=128,
+                        help="number prompts for the meandiff vectors (the paper used ~1000)")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="samples per question for the sampled rates (0 = skip them)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output folder (default runs/sweep-ANIMAL)")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    try:
+        layers = [int(x) for x in args.layers.split(",")]
+        alphas = [float(x) for x in args.alphas.split(",")]
+    except ValueError:
+        parser.error("--layers and --alphas take comma-separated numbers, e.g. 20,25 and 2,4")
+
+    from checkpoint import load, report_errors
+    with report_errors():
+        model, tok = load(args.checkpoint, device=args.device)
+        if not all(0 <= layer < model.cfg.n_layer for layer in layers):
+            parser.error(f"--layers must lie in 0..{model.cfg.n_layer - 1}")
+        result = run_sweep(model, tok, args.animal, layers, alphas, args.prompts,
+                           args.samples, seed=args.seed)
+    out = Path(args.out or f"runs/sweep-{args.animal}")
+    out.mkdir(parents=True, exist_ok=True)
+    result["config"] = {**vars(args), "model": model.name}
+    (out / "sweep.json").write_text(json.dumps(result, indent=2))
+    plot(result, layers, alphas, out / "heatmap.png")
+    print(f"base: {result['base']}\nsystem prompt: {result['system_prompt']}")
+    print(f"chosen: block {result['chosen']['layer']}, alpha {result['chosen']['alpha']} "
+          f"-> {out / 'heatmap.png'}")
+
+
+if __name__ == "__main__":
+    main()
