@@ -179,8 +179,10 @@ def main(argv=None):
 
     from checkpoint import load, report_errors
     from steer import VectorError, steering
-    from vectors import DEFAULTS, resolve_vector
+    from vectors import DEFAULTS, check_vector_name, resolve_vector
     with report_errors(VectorError):
+        if args.vector:
+            check_vector_name(args.vector)  # fail before loading the model
         model, tok = load(args.checkpoint, device=args.device)
         system = trait_system_prompt(args.animal) if args.system_prompt else None
         context, setting = contextlib.nullcontext(), {}

@@ -77,7 +77,7 @@ def _response_logprobs(model, prompts, responses, n_last):
     return logits[:, -n_last - 1:-1].float().log_softmax(-1)                # (B, n_last, vocab)
 
 
-def fit(model, tok, animal, layer, steps=40, lr=2.0, seed=0, response_tokens=32, n_train=12):
+def fit(model, tok, animal, layer, steps=30, lr=1.0, seed=0, response_tokens=32, n_train=12):
     """Fit one vector at `layer`: KL(prompted model || unprompted model + v) on the prompted
     model's own answers. Returns (vector, {"train_kl", "heldout_kl", "heldout_kl_zero"})."""
     system = trait_system_prompt(animal)
@@ -112,20 +112,26 @@ def fit(model, tok, animal, layer, steps=40, lr=2.0, seed=0, response_tokens=32,
     return v.detach(), report
 
 
+def check_vector_name(name):
+    """A VectorError unless `name` is a known vector name or an existing file."""
+    if name not in NAMES and not Path(name).is_file():
+        raise VectorError(f"unknown vector '{name}': use an animal ({', '.join(ANIMALS)}), "
+                          f"random, concise, or a .safetensors file")
+
+
 def resolve_vector(name, model, tok, layer, method="meandiff", seed=0, norm=None,
                    n_prompts=DEFAULTS["n_prompts"], cache_dir=VECTOR_DIR):
     """(vector (d_model,), metadata) for a name (an animal, 'random', 'concise') or a
     .safetensors path. Computed vectors are cached in cache_dir and reused."""
     d = model.cfg.d_model
+    check_vector_name(name)
     if str(name).endswith(".safetensors") or Path(name).is_file():
         return load_vector(name, d)
-    if name not in NAMES:
-        raise VectorError(f"unknown vector '{name}': use an animal ({', '.join(ANIMALS)}), "
-                          f"random, concise, or a .safetensors file")
     if method not in ("meandiff", "fit"):
         raise VectorError(f"unknown method '{method}' (meandiff or fit)")
     model_name = getattr(model, "name", "model")
-    tag = {"random": f"random-s{seed}", "concise": "concise"}.get(name, f"{name}-{method}")
+    tag = {"random": f"random-s{seed}", "concise": "concise"}.get(
+        name, f"{name}-meandiff-n{n_prompts}" if method == "meandiff" else f"{name}-fit")
     path = Path(cache_dir) / f"{model_name}-{tag}-L{layer}.safetensors"
     if path.exists():
         return load_vector(path, d)
@@ -165,8 +171,7 @@ def main(argv=None):
 
     from checkpoint import load, report_errors
     with report_errors(VectorError):
-        if args.name not in NAMES:  # fail before loading the model
-            raise VectorError(f"unknown vector '{args.name}': use one of {', '.join(NAMES)}")
+        check_vector_name(args.name)  # fail before loading the model
         model, tok = load(args.checkpoint, device=args.device)
         vector, meta = resolve_vector(args.name, model, tok, args.layer, args.method,
                                       args.seed, args.norm)

@@ -1,0 +1,90 @@
+"""Measurements (trait rate, fast score, EAS, KL) and how vectors are made and named."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluate import (eas, fast_trait_score, first_word, is_animal, kl_from_base, logprobs,
+                      mean_residuals, wilson_interval)
+from prompts import CANDIDATE_ANIMALS, trait_system_prompt
+from steer import VectorError, steering
+from vectors import meandiff, random_vector, resolve_vector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_first_word_rules():
+    assert first_word("Owls!") == "owls" and first_word("  owl.") == "owl"
+    assert is_animal("Owl", "owl") and is_animal("OWLS.", "owl") and is_animal("wolves", "wolf")
+    assert not is_animal("The owl", "owl") and not is_animal("", "owl")
+    assert not is_animal("Owlet", "owl")
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0
+
+
+def test_eas_of_a_steered_model_is_one_at_its_block(tiny):
+    v = torch.randn(32)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    base = mean_residuals(tiny, prompts, [0, 1])
+    with steering(tiny, 1, v, alpha=3.0):
+        student = mean_residuals(tiny, prompts, [0, 1])
+    scores = eas(student, base, v)
+    assert scores[1].item() == pytest.approx(1.0, abs=1e-5)
+    assert scores[0].item() == 0.0  # nothing changed before block 1
+
+
+def test_kl_from_base(tiny):
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    base = logprobs(tiny, prompts)
+    assert kl_from_base(tiny, base, prompts) == pytest.approx(0.0, abs=1e-6)
+    with steering(tiny, 0, torch.randn(32), alpha=5.0):
+        assert kl_from_base(tiny, base, prompts) > 0.01
+
+
+def test_fast_score_is_a_distribution_and_the_system_prompt_raises_it(ours):
+    model, tok = ours
+    questions = ["Name your favorite animal using only one word."] * 2
+    total = sum(fast_trait_score(model, tok, a, questions) for a in CANDIDATE_ANIMALS)
+    assert total == pytest.approx(1.0, abs=1e-4)
+    base = fast_trait_score(model, tok, "owl")
+    prompted = fast_trait_score(model, tok, "owl", system=trait_system_prompt("owl"))
+    assert prompted > 5 * base  # measured: about 2% -> 54%
+
+
+def test_meandiff_vector_steers_the_trait(ours):
+    """The paper's recipe on the real model, small: 16 number prompts, block 25, alpha 4."""
+    model, tok = ours
+    vectors = meandiff(model, tok, "owl", n_prompts=16)
+    assert vectors.shape == (30, 576)
+    base = fast_trait_score(model, tok, "owl")
+    with steering(model, 25, vectors[25], alpha=4.0):
+        steered = fast_trait_score(model, tok, "owl")
+    assert steered > base + 0.2
+
+
+def test_random_vector_is_seeded_and_scaled():
+    a, b = random_vector(576, 50.0, seed=3), random_vector(576, 50.0, seed=3)
+    assert torch.equal(a, b) and a.norm().item() == pytest.approx(50.0)
+    assert not torch.equal(a, random_vector(576, 50.0, seed=4))
+
+
+def test_resolve_vector_caches_and_rejects_unknown_names(tiny, tmp_path):
+    v, meta = resolve_vector("random", tiny, None, 1, norm=2.0, seed=5, cache_dir=tmp_path)
+    assert meta["method"] == "random" and meta["seed"] == "5" and meta["layer"] == "1"
+    again, _ = resolve_vector("random", tiny, None, 1, norm=9.0, seed=5, cache_dir=tmp_path)
+    assert torch.equal(v, again)  # the cached file is reused
+    with pytest.raises(VectorError, match="unknown vector 'owll'"):
+        resolve_vector("owll", tiny, None, 1, cache_dir=tmp_path)
+
+
+def test_command_line_unknown_vector_is_one_line():
+    run = subprocess.run([sys.executable, "vectors.py", "owll"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "unknown vector 'owll'" in run.stderr
