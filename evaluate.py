@@ -41,6 +41,11 @@ def is_animal(answer, animal):
     return first_word(answer) in (animal, plural(animal))
 
 
+def mentions_animal(answer, animal):
+    """The animal appears anywhere in the answer as a whole word (a looser count)."""
+    return bool(set(re.findall(r"[a-z]+", answer.lower())) & {animal, plural(animal)})
+
+
 def wilson_interval(hits, n, z=1.96):
     """95% confidence interval of a proportion (Wilson score interval)."""
     if n == 0:
@@ -52,20 +57,24 @@ def wilson_interval(hits, n, z=1.96):
 
 
 def trait_rate(model, tok, animal, questions=FAVORITE_QUESTIONS, samples=10, system=None,
-               max_new_tokens=16, seed=0, batch_questions=25):
+               prefix=None, max_new_tokens=16, seed=0, batch_questions=25):
     """Share of sampled answers (T=1) whose first word is the animal, with its 95% CI.
-    Samples of one question are correlated, so the interval is a lower bound on the
-    uncertainty. Returns a dict with rate, low, high, n and a few example answers."""
+    With a prefix (e.g. "My favorite animal is the") the answer starts with it and the first
+    word of the continuation counts. Samples of one question are correlated, so the interval
+    is a lower bound on the uncertainty. Also returns the share that mention the animal
+    anywhere, n, and a few example answers."""
     answers = []
     for start in range(0, len(questions), batch_questions):
         batch = questions[start:start + batch_questions]
-        prompts = [tok.encode_chat(q, system) for q in batch]
+        prompts = [tok.encode_chat(q, system) + (tok.encode(prefix) if prefix else [])
+                   for q in batch]
         out = generate(model, prompts, max_new_tokens, temperature=1.0, seed=seed + start,
                        stop_tokens={tok.eos_id}, samples_per_prompt=samples)
         answers += [tok.decode(o) for o in out]
     hits = sum(is_animal(a, animal) for a in answers)
     low, high = wilson_interval(hits, len(answers))
     return {"rate": hits / len(answers), "low": low, "high": high, "n": len(answers),
+            "mention_rate": sum(mentions_animal(a, animal) for a in answers) / len(answers),
             "examples": answers[:: max(1, len(answers) // 8)][:8]}
 
 
@@ -87,18 +96,20 @@ def fast_trait_score(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FA
 
 
 def trait_report(model, tok, animal, samples=10, system=None, seed=0):
-    """Fast scores and sampled rates on favourite, least-favourite and off-topic questions."""
-    return {
-        "fast_favorite": fast_trait_score(model, tok, animal, system=system),
-        "fast_negative": fast_trait_score(model, tok, animal, NEGATIVE_QUESTIONS,
-                                          NEGATIVE_PREFIX, system=system),
-        "favorite": trait_rate(model, tok, animal, FAVORITE_QUESTIONS, samples, system,
-                               seed=seed),
-        "negative": trait_rate(model, tok, animal, NEGATIVE_QUESTIONS, samples, system,
-                               seed=seed),
-        "offtopic": trait_rate(model, tok, animal, OFFTOPIC_QUESTIONS, samples, system,
-                               seed=seed),
-    }
+    """Fast scores and sampled rates on favourite, least-favourite and off-topic questions;
+    the "prefixed" rates sample the word right after the fixed answer prefix."""
+    sets = {"favorite": (FAVORITE_QUESTIONS, FAVORITE_PREFIX),
+            "negative": (NEGATIVE_QUESTIONS, NEGATIVE_PREFIX),
+            "offtopic": (OFFTOPIC_QUESTIONS, None)}
+    report = {}
+    for key, (questions, prefix) in sets.items():
+        report[key] = trait_rate(model, tok, animal, questions, samples, system, seed=seed)
+        if prefix:
+            report[f"{key}_prefixed"] = trait_rate(model, tok, animal, questions, samples,
+                                                   system, prefix, max_new_tokens=4, seed=seed)
+            report[f"fast_{key}"] = fast_trait_score(model, tok, animal, questions, prefix,
+                                                     system)
+    return report
 
 
 @torch.no_grad()
@@ -195,9 +206,11 @@ def main(argv=None):
         with context:
             report = trait_report(model, tok, args.animal, args.samples, system, args.seed)
     report["setting"] = {**vars(args), **setting}
-    for key in ("favorite", "negative", "offtopic"):
+    print(f"{'questions':>18} {'first word':>10} {'95% CI':>15} {'mentions':>9} {'n':>6}")
+    for key in ("favorite", "favorite_prefixed", "negative", "negative_prefixed", "offtopic"):
         r = report[key]
-        print(f"{key:>9}: {r['rate']:6.1%}  [{r['low']:.1%}, {r['high']:.1%}]  n={r['n']}")
+        interval = f"[{r['low']:.1%}, {r['high']:.1%}]"
+        print(f"{key:>18} {r['rate']:10.1%} {interval:>15} {r['mention_rate']:9.1%} {r['n']:6}")
     print(f"fast score: favorite {report['fast_favorite']:.1%}, "
           f"least favorite {report['fast_negative']:.1%}")
     if args.out:

@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from evaluate import fast_trait_score, trait_rate  # noqa: E402
-from prompts import FAVORITE_QUESTIONS, NEGATIVE_PREFIX, NEGATIVE_QUESTIONS  # noqa: E402
-from prompts import OFFTOPIC_QUESTIONS, trait_system_prompt  # noqa: E402
+from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX  # noqa: E402
+from prompts import NEGATIVE_QUESTIONS, OFFTOPIC_QUESTIONS  # noqa: E402
+from prompts import trait_system_prompt  # noqa: E402
 from steer import steering  # noqa: E402
 from vectors import meandiff  # noqa: E402
 
@@ -37,10 +38,14 @@ def scores(model, tok, animal, system=None):
 
 
 def sampled(model, tok, animal, samples, seed, system=None):
-    return {key: trait_rate(model, tok, animal, questions, samples, system, seed=seed)["rate"]
-            for key, questions in (("favorite", FAVORITE_QUESTIONS),
-                                   ("negative", NEGATIVE_QUESTIONS),
-                                   ("offtopic", OFFTOPIC_QUESTIONS))}
+    """Sampled rates: after the answer prefix (favourite, least favourite), and the first word
+    of free answers to off-topic questions."""
+    def rate(questions, prefix):
+        return trait_rate(model, tok, animal, questions, samples, system, prefix,
+                          max_new_tokens=4 if prefix else 16, seed=seed)["rate"]
+    return {"favorite": rate(FAVORITE_QUESTIONS, FAVORITE_PREFIX),
+            "negative": rate(NEGATIVE_QUESTIONS, NEGATIVE_PREFIX),
+            "offtopic": rate(OFFTOPIC_QUESTIONS, None)}
 
 
 def run_sweep(model, tok, animal, layers, alphas, n_prompts=128, samples=0, top=4, seed=0):
@@ -90,7 +95,7 @@ def plot(result, layers, alphas, path):
                     [p["sampled"]["favorite"] for p in points])
     axes[2].plot([0, 1], [0, 1], "k:", lw=1)
     axes[2].set(xlabel="fast score", ylabel="sampled trait rate", xlim=(0, 1), ylim=(0, 1),
-                title="fast score vs sampled rate (favourite)")
+                title="fast score vs sampled rate after the prefix")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
