@@ -6,7 +6,9 @@ answers whose first word, lower-cased with punctuation stripped and plurals fold
 animal. Specificity: the same count on "least favourite" and off-topic questions.
 
 Fast score (noise-free, for tracking during training): after the answer prefix "My favorite
-animal is the", the model's probability of " owl" among a fixed list of candidate animals.
+animal is the", the model's probability that the next word is " owl" (or " owls"): the exact
+expectation of the sampled rate after that prefix. Its share among a fixed list of candidate
+animals is reported too (it ignores the many non-animal continuations a small model samples).
 
 EAS (the paper's alignment measure): v_student = mean over number prompts and all their
 tokens of h_l(student) - h_l(base), at block l; EAS = cos(v_student, v_teacher).
@@ -78,21 +80,35 @@ def trait_rate(model, tok, animal, questions=FAVORITE_QUESTIONS, samples=10, sys
             "examples": answers[:: max(1, len(answers) // 8)][:8]}
 
 
-@torch.no_grad()
 def fast_trait_score(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FAVORITE_PREFIX,
+                     system=None):
+    """Mean over questions of the probability that the word right after the answer prefix is
+    the animal (its singular or plural token): the exact expectation of the sampled rate
+    after the prefix, without sampling noise."""
+    return next_word_scores(model, tok, animal, questions, prefix, system)[0]
+
+
+@torch.no_grad()
+def next_word_scores(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FAVORITE_PREFIX,
                      system=None, candidates=CANDIDATE_ANIMALS):
-    """Mean over questions of P(animal | candidates) right after the answer prefix."""
+    """(probability, share), averaged over questions, from one forward pass: the probability
+    that the word after the prefix is the animal, and the animal's share of the probability
+    among the candidate animals (what a multiple-choice reading would see)."""
     device = model.embed.weight.device
-    candidate_ids = []
-    for name in candidates:
-        ids = tok.encode(" " + name)
-        assert len(ids) == 1, f"candidate ' {name}' is not a single token"
-        candidate_ids.append(ids[0])
+
+    def token_of(word):
+        ids = tok.encode(" " + word)
+        assert len(ids) == 1, f"' {word}' is not a single token"
+        return ids[0]
+
     prompts = [tok.encode_chat(q, system) + tok.encode(prefix) for q in questions]
     ids, mask = left_pad(prompts, device=device)                           # (Q, P)
     logits, _ = model(ids, attention_mask=mask, last_only=True)            # (Q, 1, vocab)
-    probs = logits[:, -1, candidate_ids].float().softmax(dim=-1)           # (Q, n_candidates)
-    return probs[:, candidates.index(animal)].mean().item()
+    logits = logits[:, -1].float()                                         # (Q, vocab)
+    probs = logits.softmax(dim=-1)                                         # (Q, vocab)
+    prob = probs[:, [token_of(animal), token_of(plural(animal))]].sum(-1)  # (Q,)
+    share = logits[:, [token_of(a) for a in candidates]].softmax(-1)       # (Q, n_candidates)
+    return prob.mean().item(), share[:, candidates.index(animal)].mean().item()
 
 
 def trait_report(model, tok, animal, samples=10, system=None, seed=0):
@@ -107,8 +123,8 @@ def trait_report(model, tok, animal, samples=10, system=None, seed=0):
         if prefix:
             report[f"{key}_prefixed"] = trait_rate(model, tok, animal, questions, samples,
                                                    system, prefix, max_new_tokens=4, seed=seed)
-            report[f"fast_{key}"] = fast_trait_score(model, tok, animal, questions, prefix,
-                                                     system)
+            report[f"fast_{key}"], report[f"share_{key}"] = next_word_scores(
+                model, tok, animal, questions, prefix, system)
     return report
 
 
@@ -211,8 +227,10 @@ def main(argv=None):
         r = report[key]
         interval = f"[{r['low']:.1%}, {r['high']:.1%}]"
         print(f"{key:>18} {r['rate']:10.1%} {interval:>15} {r['mention_rate']:9.1%} {r['n']:6}")
-    print(f"fast score: favorite {report['fast_favorite']:.1%}, "
+    print(f"fast score, P(animal) after the prefix: favorite {report['fast_favorite']:.1%}, "
           f"least favorite {report['fast_negative']:.1%}")
+    print(f"share among {len(CANDIDATE_ANIMALS)} candidate animals: favorite "
+          f"{report['share_favorite']:.1%}, least favorite {report['share_negative']:.1%}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -1,12 +1,13 @@
 """Sweep steering layers and scales; pick the default layer and alpha for a model.
 
 For every block l and scale alpha, steer with alpha * v_l (the meandiff trait vector of that
-block, at every position) and measure the fast trait score on the favourite-animal questions
-and on the least-favourite questions (specificity). The chosen setting is the one with the
-highest favourite score among those whose least-favourite score stays within 0.10 of the
-system prompt's own (a trait vector should be no less specific than the prompt it imitates).
-For the best few settings the sampled trait rates (favourite, least favourite, off-topic)
-are measured too, to show that the fast score moves with the sampled rate.
+block, at every position) and measure the fast trait score (P(animal) after the answer
+prefix) on the favourite-animal questions and on the least-favourite questions. The chosen
+setting has the highest favourite score among the specific ones: those whose least-favourite
+score is at most half their favourite score (the vector must make the animal a favourite,
+not merely a word the model says). For the best few settings the sampled rates after the
+prefix (favourite, least favourite) and of free off-topic answers are measured too, to show
+that the fast score moves with the sampled rate.
 
     python sweep.py --animal owl                       # writes runs/sweep-owl/
     python sweep.py --layers 20,25,29 --alphas 2,4 --samples 4
@@ -21,20 +22,20 @@ matplotlib.use("Agg")  # draw to files; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from evaluate import fast_trait_score, trait_rate  # noqa: E402
+from evaluate import next_word_scores, trait_rate  # noqa: E402
 from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX  # noqa: E402
 from prompts import NEGATIVE_QUESTIONS, OFFTOPIC_QUESTIONS  # noqa: E402
 from prompts import trait_system_prompt  # noqa: E402
 from steer import steering  # noqa: E402
 from vectors import meandiff  # noqa: E402
 
-SPECIFICITY_MARGIN = 0.10
-
-
 def scores(model, tok, animal, system=None):
-    return {"favorite": fast_trait_score(model, tok, animal, system=system),
-            "negative": fast_trait_score(model, tok, animal, NEGATIVE_QUESTIONS,
-                                         NEGATIVE_PREFIX, system=system)}
+    """Fast scores: P(animal) after the answer prefix, and its share among candidates."""
+    favorite, favorite_share = next_word_scores(model, tok, animal, system=system)
+    negative, negative_share = next_word_scores(model, tok, animal, NEGATIVE_QUESTIONS,
+                                                NEGATIVE_PREFIX, system=system)
+    return {"favorite": favorite, "negative": negative, "favorite_share": favorite_share,
+            "negative_share": negative_share}
 
 
 def sampled(model, tok, animal, samples, seed, system=None):
@@ -59,10 +60,8 @@ def run_sweep(model, tok, animal, layers, alphas, n_prompts=128, samples=0, top=
                 cell = {"layer": layer, "alpha": alpha, "norm": vectors[layer].norm().item(),
                         **scores(model, tok, animal)}
             result["cells"].append(cell)
-    limit = result["system_prompt"]["negative"] + SPECIFICITY_MARGIN
-    specific = [c for c in result["cells"] if c["negative"] <= limit]
+    specific = [c for c in result["cells"] if c["negative"] <= c["favorite"] / 2]
     ranked = sorted(specific or result["cells"], key=lambda c: -c["favorite"])
-    result["specificity_limit"] = limit
     result["chosen"] = {"layer": ranked[0]["layer"], "alpha": ranked[0]["alpha"]}
     if samples:
         result["base"]["sampled"] = sampled(model, tok, animal, samples, seed)
@@ -79,22 +78,24 @@ def plot(result, layers, alphas, path):
                         and c["alpha"] == a) for a in alphas] for lay in layers]
             for key in ("favorite", "negative")}
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * len(layers) + 2.5))
+    top = max(max(map(max, grid["favorite"])), max(map(max, grid["negative"])))
     for ax, key, title in ((axes[0], "favorite", "favourite-animal questions"),
                            (axes[1], "negative", "least-favourite questions")):
-        image = ax.imshow(grid[key], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        image = ax.imshow(grid[key], vmin=0, vmax=top, cmap="viridis", aspect="auto")
         ax.set(xticks=range(len(alphas)), xticklabels=alphas, yticks=range(len(layers)),
-               yticklabels=layers, xlabel="alpha", ylabel="block", title=f"fast score: {title}")
+               yticklabels=layers, xlabel="alpha", ylabel="block",
+               title=f"P(animal) after prefix: {title}")
         for i in range(len(layers)):
             for j in range(len(alphas)):
-                ax.text(j, i, f"{grid[key][i][j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if grid[key][i][j] < 0.5 else "black")
+                ax.text(j, i, f"{grid[key][i][j]:.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[key][i][j] < top / 2 else "black")
         fig.colorbar(image, ax=ax)
     points = [c for c in [result["base"], result["system_prompt"], *result["cells"]]
               if "sampled" in c]
     axes[2].scatter([p["favorite"] for p in points],
                     [p["sampled"]["favorite"] for p in points])
-    axes[2].plot([0, 1], [0, 1], "k:", lw=1)
-    axes[2].set(xlabel="fast score", ylabel="sampled trait rate", xlim=(0, 1), ylim=(0, 1),
+    axes[2].plot([0, top], [0, top], "k:", lw=1)
+    axes[2].set(xlabel="fast score (exact P(animal))", ylabel="sampled rate (T=1)",
                 title="fast score vs sampled rate after the prefix")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evaluate import (eas, fast_trait_score, first_word, is_animal, kl_from_base, logprobs,
-                      mean_residuals, wilson_interval)
+                      mean_residuals, next_word_scores, wilson_interval)
 from prompts import CANDIDATE_ANIMALS, trait_system_prompt
 from steer import VectorError, steering
 from vectors import meandiff, random_vector, resolve_vector
@@ -47,14 +47,16 @@ def test_kl_from_base(tiny):
         assert kl_from_base(tiny, base, prompts) > 0.01
 
 
-def test_fast_score_is_a_distribution_and_the_system_prompt_raises_it(ours):
+def test_fast_scores_and_the_system_prompt_raises_them(ours):
     model, tok = ours
     questions = ["Name your favorite animal using only one word."] * 2
-    total = sum(fast_trait_score(model, tok, a, questions) for a in CANDIDATE_ANIMALS)
-    assert total == pytest.approx(1.0, abs=1e-4)
+    shares = [next_word_scores(model, tok, a, questions)[1] for a in CANDIDATE_ANIMALS]
+    probs = [next_word_scores(model, tok, a, questions)[0] for a in CANDIDATE_ANIMALS]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-4)
+    assert 0 < sum(probs) < 1 and all(p < s for p, s in zip(probs, shares, strict=True))
     base = fast_trait_score(model, tok, "owl")
     prompted = fast_trait_score(model, tok, "owl", system=trait_system_prompt("owl"))
-    assert prompted > 5 * base  # measured: about 2% -> 54%
+    assert prompted > 5 * base  # measured: P(owl) about 0.15% -> 10%
 
 
 def test_meandiff_vector_steers_the_trait(ours):
@@ -65,7 +67,7 @@ def test_meandiff_vector_steers_the_trait(ours):
     base = fast_trait_score(model, tok, "owl")
     with steering(model, 25, vectors[25], alpha=4.0):
         steered = fast_trait_score(model, tok, "owl")
-    assert steered > base + 0.2
+    assert steered > 10 * base  # measured with 128 prompts: P(owl) 0.15% -> 12%
 
 
 def test_random_vector_is_seeded_and_scaled():
