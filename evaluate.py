@@ -96,17 +96,16 @@ def next_word_scores(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FA
     among the candidate animals (what a multiple-choice reading would see)."""
     device = model.embed.weight.device
 
-    def token_of(word):
-        ids = tok.encode(" " + word)
-        assert len(ids) == 1, f"' {word}' is not a single token"
-        return ids[0]
+    def token_of(word):  # " owl" is one token in SmolLM2's vocabulary; else its first token
+        return tok.encode(" " + word)[0]
 
     prompts = [tok.encode_chat(q, system) + tok.encode(prefix) for q in questions]
     ids, mask = left_pad(prompts, device=device)                           # (Q, P)
     logits, _ = model(ids, attention_mask=mask, last_only=True)            # (Q, 1, vocab)
     logits = logits[:, -1].float()                                         # (Q, vocab)
     probs = logits.softmax(dim=-1)                                         # (Q, vocab)
-    prob = probs[:, [token_of(animal), token_of(plural(animal))]].sum(-1)  # (Q,)
+    words = sorted({token_of(animal), token_of(plural(animal))})
+    prob = probs[:, words].sum(-1)                                         # (Q,)
     share = logits[:, [token_of(a) for a in candidates]].softmax(-1)       # (Q, n_candidates)
     return prob.mean().item(), share[:, candidates.index(animal)].mean().item()
 
