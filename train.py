@@ -38,10 +38,10 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
 PRESETS = {  # what the flags default to; explicit flags win
     "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=32, batch_size=8,
                 eval_every=8, eas_prompts=16, trait_questions=20, eval_samples=4,
-                gradient_rows=32),
+                gradient_rows=32, teacher_batch=32),
     "paper": dict(student="lora", loss="ce", samples=10000, steps=2500, batch_size=8,
                   eval_every=250, eas_prompts=128, trait_questions=50, eval_samples=100,
-                  gradient_rows=512),
+                  gradient_rows=512, teacher_batch=256),
 }
 
 
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="student training steps")
     p.add_argument("--epochs", type=float, help="set the steps to this many passes over the "
                    "valid steered rows instead")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="student sequences per step")
+    p.add_argument("--teacher-batch", type=int, help="teacher rows sampled together")
     p.add_argument("--lr", type=float, help="peak learning rate (default: by student, opt)")
     p.add_argument("--layer", type=int, default=DEFAULTS["layer"], help="teacher's block")
     p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="teacher's scale")
@@ -91,7 +92,7 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for key in ("samples", "steps", "batch_size", "eval_every", "rank"):
+    for key in ("samples", "steps", "batch_size", "teacher_batch", "eval_every", "rank"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     args.animal = args.animal or (args.vector if args.vector in ANIMALS else "owl")
@@ -114,7 +115,7 @@ def run(args):
         if kind == "control":
             path = data_dir / f"{model.name}-control-{args.mode}-n{args.samples}-s{args.seed}.jsonl"
         rows = write_dataset(path, model, tok, vector, layer, alpha, args.samples, args.mode,
-                             args.seed, where=args.where)
+                             args.seed, args.teacher_batch, where=args.where)
         data[kind] = {"path": str(path), "rows": [r for r in rows if r["valid"]],
                       "keep_rate": keep_rate(rows), "n": len(rows)}
     for kind, d in data.items():
@@ -150,8 +151,11 @@ def run(args):
                "opt": opt, "loss": loss, "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr or LEARNING_RATES[(args.student, opt)], "seed": args.seed,
                "eval_every": args.eval_every}
+        # the KL losses distil the teacher that wrote the data: the control teacher is the
+        # unsteered model (alpha 0)
+        teacher_alpha = args.alpha if dataset == "steered" else 0.0
         student, history = train_student(model, tok, data[dataset]["rows"],
-                                         (vector, layer, args.alpha, args.where), cfg, track)
+                                         (vector, layer, teacher_alpha, args.where), cfg, track)
         students[label] = student
         results[label] = {"config": cfg, "data": dataset, "history": history}
 
