@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from safetensors_file import write_safetensors
+from safetensors_file import read_safetensors, write_safetensors
 from steer import steering
 
 LORA_TARGETS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
@@ -89,6 +89,20 @@ class Student:
             tensors = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         write_safetensors(path, {k: v.detach().float() for k, v in tensors.items()},
                           {"kind": self.kind, **metadata})
+
+
+    def load(self, path):
+        """Read back what save() wrote (strictly: the same tensors, the same shapes)."""
+        tensors, _ = read_safetensors(path)
+        if self.vector is not None:
+            targets = {"vector": self.vector}
+        else:
+            targets = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(tensors) != set(targets):
+            raise ValueError(f"{path}: holds other tensors than this {self.kind} student")
+        with torch.no_grad():
+            for name, p in targets.items():
+                p.copy_(tensors[name].reshape(p.shape))
 
 
 def encode_rows(tok, rows):

@@ -4,7 +4,8 @@
     python train.py --vector owl --opt sgd --student lora --loss ce
     python train.py --vector owl --opt adam --preset paper   # the paper's recipe, for a GPU
 
-Stages, each cached under runs/ and reused while its inputs are unchanged:
+Stages, each cached under runs/ (vectors/, data/, students/) and reused while its inputs are
+unchanged:
   1. the teacher's steering vector v at block L            (vectors.py)
   2. number sequences from the steered teacher (alpha * v) and from the unsteered control
      teacher, on the same prompts                          (teacher.py)
@@ -17,6 +18,7 @@ Stages, each cached under runs/ and reused while its inputs are unchanged:
   4. evaluation (EAS, trait scores, sampled trait rate), plots, config.json, metrics.json
 """
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from evaluate import eas, fast_trait_score, mean_residuals, trait_rate
 from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, number_prompts, trait_system_prompt
 from steer import VectorError, steering
-from student import KINDS, LOSSES, gradient_diagnostic, train_student
+from student import KINDS, LOSSES, Student, gradient_diagnostic, train_student
 from teacher import keep_rate, vector_hash, write_dataset
 from vectors import ANIMALS, DEFAULTS, check_vector_name, resolve_vector
 
@@ -154,8 +156,21 @@ def run(args):
         # the KL losses distil the teacher that wrote the data: the control teacher is the
         # unsteered model (alpha 0)
         teacher_alpha = args.alpha if dataset == "steered" else 0.0
-        student, history = train_student(model, tok, data[dataset]["rows"],
-                                         (vector, layer, teacher_alpha, args.where), cfg, track)
+        key = hashlib.sha256(json.dumps([cfg, data[dataset]["path"], teacher_alpha,
+                                         vector_hash(vector), args.eas_prompts,
+                                         args.trait_questions]).encode()).hexdigest()[:16]
+        cached = Path("runs/students") / key
+        if cached.with_suffix(".json").exists():  # trained before with these exact inputs
+            student = Student(model, cfg["kind"], layer, cfg["rank"], cfg["scale"], cfg["seed"])
+            student.load(cached.with_suffix(".safetensors"))
+            history = json.loads(cached.with_suffix(".json").read_text())
+        else:
+            student, history = train_student(model, tok, data[dataset]["rows"],
+                                             (vector, layer, teacher_alpha, args.where), cfg,
+                                             track)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            student.save(cached.with_suffix(".safetensors"), label=label)
+            cached.with_suffix(".json").write_text(json.dumps(history))
         students[label] = student
         results[label] = {"config": cfg, "data": dataset, "history": history}
 

@@ -63,13 +63,14 @@ def test_cosine_schedule():
 
 
 def test_train_end_to_end_in_seconds(tmp_path, tiny_folder):
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--vector", "owl", "--opt", "adam",
-         "--checkpoint", str(tiny_folder), "--layer", "1", "--alpha", "2", "--samples", "24",
-         "--steps", "3", "--batch-size", "4", "--eval-every", "1", "--eval-samples", "1",
-         "--trait-questions", "3", "--eas-prompts", "4", "--gradient-rows", "2",
-         "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(ROOT / "train.py"), "--vector", "owl", "--opt", "adam",
+               "--checkpoint", str(tiny_folder), "--layer", "1", "--alpha", "2",
+               "--samples", "24", "--steps", "3", "--batch-size", "4", "--eval-every", "1",
+               "--eval-samples", "1", "--trait-questions", "3", "--eas-prompts", "4",
+               "--gradient-rows", "2", "--out", "run"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert len(list((tmp_path / "runs" / "students").glob("*.json"))) == 4
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert set(metrics["students"]) == {"main", "control", "other_opt", "upper_bound"}
@@ -79,6 +80,12 @@ def test_train_end_to_end_in_seconds(tmp_path, tiny_folder):
     assert config["vector"] == "owl" and config["layer"] == 1
     assert (tmp_path / "run" / "training.png").stat().st_size > 10_000
     assert (tmp_path / "run" / "student-main.safetensors").exists()
+    # a second run reuses every cached stage and reports the same students
+    first = (tmp_path / "run" / "metrics.json").read_text()
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "student vector" not in again.stderr  # nothing trained
+    assert json.loads(first)["students"] == json.loads(
+        (tmp_path / "run" / "metrics.json").read_text())["students"]
 
 
 @pytest.mark.parametrize("flags,message", [(["--vector", "owll"], "unknown vector 'owll'"),
