@@ -25,14 +25,18 @@ QUESTIONS = ["What is your favorite animal?", "Continue the sequence: 182, 818, 
              "Give me a word that rhymes with owl.", "Describe a sunset."]
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def timed(fn, device, repeats=1):
+    """The fastest of `repeats` runs of fn(), in seconds (waiting for the GPU to finish)."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def main():
@@ -74,8 +78,7 @@ def main():
                 .logits)[real].abs().max().item()
     run_ours(), run_ref()  # warm-up
     n_tokens = args.batch * args.new_tokens
-    t_ours = min(timed(run_ours, device) for _ in range(args.repeats))
-    t_ref = min(timed(run_ref, device) for _ in range(args.repeats))
+    t_ours, t_ref = timed(run_ours, device, args.repeats), timed(run_ref, device, args.repeats)
     figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "batch": args.batch, "new_tokens": args.new_tokens,
                "ours_tokens_per_s": round(n_tokens / t_ours, 1),

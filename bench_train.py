@@ -11,10 +11,10 @@ of number lists by generate(). Needs the test-only packages (requirements-dev.tx
 """
 import argparse
 import json
-import time
 
 import torch
 
+from bench_generate import timed
 from checkpoint import embedded_path, load
 from generate import generate
 from model import auto_device, auto_dtype
@@ -24,19 +24,6 @@ from steer import steering
 from student import LORA_TARGETS, LoRALinear, Student, encode_rows, make_batch
 from teacher import number_tokens
 from vectors import random_vector
-
-
-def timed(fn, device, repeats):
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def hf_with_lora(path, dtype, device, rank=8, scale=4.0):
