@@ -101,7 +101,63 @@ def parse_args(argv=None):
     return args
 
 
+def teacher_data(args, model, tok, vector):
+    """Stage 2: the steered and the control teacher's datasets (cached in runs/data/)."""
+    tail = f"{args.mode}-n{args.samples}-s{args.seed}.jsonl"
+    paths = {"steered": f"{model.name}-{Path(args.vector).stem}-L{args.layer}-a{args.alpha:g}"
+                        f"-{args.where}-steered-{tail}",
+             "control": f"{model.name}-control-{tail}"}
+    data = {}
+    for kind, alpha in (("steered", args.alpha), ("control", 0.0)):
+        path = Path("runs/data") / paths[kind]
+        rows = write_dataset(path, model, tok, vector, args.layer, alpha, args.samples,
+                             args.mode, args.seed, args.teacher_batch, where=args.where)
+        data[kind] = {"path": str(path), "rows": [r for r in rows if r["valid"]],
+                      "keep_rate": keep_rate(rows), "n": len(rows)}
+        if not data[kind]["rows"]:
+            raise SystemExit(f"error: {path}: no {kind} completion passed the rule filter; "
+                             f"use more --samples")
+    return data
+
+
+def train_students(args, model, tok, vector, data, track):
+    """Stage 3: every student of the plan, each cached in runs/students/ by its inputs."""
+    other = "sgd" if args.opt == "adam" else "adam"
+    plan = {"main": ("steered", args.opt, args.loss), "control": ("control", args.opt, args.loss)}
+    if args.compare:
+        plan["other_opt"] = ("steered", other, args.loss)
+    if args.upper_bound:
+        plan["upper_bound"] = ("steered", args.opt, "kl_full")
+    students, results = {}, {}
+    for label, (dataset, opt, loss) in plan.items():
+        cfg = {"kind": args.student, "layer": args.layer, "rank": args.rank,
+               "scale": args.lora_scale, "opt": opt, "loss": loss, "steps": args.steps,
+               "batch_size": args.batch_size, "seed": args.seed, "eval_every": args.eval_every,
+               "lr": args.lr or LEARNING_RATES[(args.student, opt)]}
+        # the KL losses distil the teacher that wrote the data: the control teacher is the
+        # unsteered model (alpha 0)
+        teacher = (vector, args.layer, args.alpha if dataset == "steered" else 0.0, args.where)
+        key = json.dumps([cfg, data[dataset]["path"], teacher[2], vector_hash(vector),
+                          args.eas_prompts, args.trait_questions])
+        cached = Path("runs/students") / hashlib.sha256(key.encode()).hexdigest()[:16]
+        if cached.with_suffix(".json").exists():  # trained before with these exact inputs
+            student = Student(model, args.student, args.layer, args.rank, args.lora_scale,
+                              args.seed)
+            student.load(cached.with_suffix(".safetensors"))
+            history = json.loads(cached.with_suffix(".json").read_text())
+        else:
+            student, history = train_student(model, tok, data[dataset]["rows"], teacher, cfg,
+                                             track)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            student.save(cached.with_suffix(".safetensors"), label=label)
+            cached.with_suffix(".json").write_text(json.dumps(history))
+        students[label] = student
+        results[label] = {"config": cfg, "data": dataset, "history": history}
+    return students, results
+
+
 def run(args):
+    """All stages; returns a dict of everything the run produced."""
     from checkpoint import load
     t0 = time.time()
     model, tok = load(args.checkpoint, device=args.device)
@@ -109,21 +165,7 @@ def run(args):
         p.requires_grad_(False)  # the base model is never trained; students are copies
     layer, animal = args.layer, args.animal
     vector, vector_meta = resolve_vector(args.vector, model, tok, layer, seed=args.seed)
-    name = f"{model.name}-{Path(args.vector).stem}-L{layer}-a{args.alpha:g}-{args.where}"
-    data_dir = Path("runs/data")
-    data = {}
-    for kind, alpha in (("steered", args.alpha), ("control", 0.0)):
-        path = data_dir / f"{name}-{kind}-{args.mode}-n{args.samples}-s{args.seed}.jsonl"
-        if kind == "control":
-            path = data_dir / f"{model.name}-control-{args.mode}-n{args.samples}-s{args.seed}.jsonl"
-        rows = write_dataset(path, model, tok, vector, layer, alpha, args.samples, args.mode,
-                             args.seed, args.teacher_batch, where=args.where)
-        data[kind] = {"path": str(path), "rows": [r for r in rows if r["valid"]],
-                      "keep_rate": keep_rate(rows), "n": len(rows)}
-    for kind, d in data.items():
-        if not d["rows"]:
-            raise SystemExit(f"error: {d['path']}: no {kind} completion passed the rule "
-                             f"filter; use more --samples")
+    data = teacher_data(args, model, tok, vector)
     if args.epochs:
         args.steps = max(1, round(args.epochs * len(data["steered"]["rows"]) / args.batch_size))
 
@@ -131,7 +173,7 @@ def run(args):
     base_means = mean_residuals(model, held_out, [layer])
     questions = FAVORITE_QUESTIONS[:args.trait_questions]
 
-    def track(student):
+    def track(student):  # measured every --eval-every steps
         with torch.no_grad(), student.active():
             out = {"eas": eas(mean_residuals(student.model, held_out, [layer]), base_means,
                               vector)[0].item(),
@@ -141,51 +183,27 @@ def run(args):
                 student.vector.detach().float().cpu(), vector.float(), dim=0).item()
         return out
 
-    other = "sgd" if args.opt == "adam" else "adam"
-    plan = {"main": ("steered", args.opt, args.loss), "control": ("control", args.opt, args.loss)}
-    if args.compare:
-        plan["other_opt"] = ("steered", other, args.loss)
-    if args.upper_bound:
-        plan["upper_bound"] = ("steered", args.opt, "kl_full")
-    students, results = {}, {}
-    for label, (dataset, opt, loss) in plan.items():
-        cfg = {"kind": args.student, "layer": layer, "rank": args.rank, "scale": args.lora_scale,
-               "opt": opt, "loss": loss, "steps": args.steps, "batch_size": args.batch_size,
-               "lr": args.lr or LEARNING_RATES[(args.student, opt)], "seed": args.seed,
-               "eval_every": args.eval_every}
-        # the KL losses distil the teacher that wrote the data: the control teacher is the
-        # unsteered model (alpha 0)
-        teacher_alpha = args.alpha if dataset == "steered" else 0.0
-        key = hashlib.sha256(json.dumps([cfg, data[dataset]["path"], teacher_alpha,
-                                         vector_hash(vector), args.eas_prompts,
-                                         args.trait_questions]).encode()).hexdigest()[:16]
-        cached = Path("runs/students") / key
-        if cached.with_suffix(".json").exists():  # trained before with these exact inputs
-            student = Student(model, cfg["kind"], layer, cfg["rank"], cfg["scale"], cfg["seed"])
-            student.load(cached.with_suffix(".safetensors"))
-            history = json.loads(cached.with_suffix(".json").read_text())
-        else:
-            student, history = train_student(model, tok, data[dataset]["rows"],
-                                             (vector, layer, teacher_alpha, args.where), cfg,
-                                             track)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            student.save(cached.with_suffix(".safetensors"), label=label)
-            cached.with_suffix(".json").write_text(json.dumps(history))
-        students[label] = student
-        results[label] = {"config": cfg, "data": dataset, "history": history}
+    students, results = train_students(args, model, tok, vector, data, track)
 
-    final = {}  # sampled trait rate after the answer prefix, base / teacher / students
-    def sampled(m, context):
+    def sampled(m, context):  # stage 4: the sampled trait rate after the answer prefix
         with context:
             return trait_rate(m, tok, animal, questions, args.eval_samples,
                               prefix=FAVORITE_PREFIX, max_new_tokens=4, seed=args.seed)
-    final["base"] = sampled(model, torch.no_grad())
-    final["teacher"] = sampled(model, steering(model, layer, vector, args.alpha))
-    final["system_prompt_trait"] = fast_trait_score(model, tok, animal, questions,
-                                                    system=trait_system_prompt(animal))
-    for label, student in students.items():
-        final[label] = sampled(student.model, student.active())
-    return model, tok, vector, vector_meta, data, results, final, students, time.time() - t0
+    rates = {"base": sampled(model, torch.no_grad()),
+             "teacher": sampled(model, steering(model, layer, vector, args.alpha))}
+    rates |= {label: sampled(s.model, s.active()) for label, s in students.items()}
+    diagnostic = {}
+    usable = min(args.gradient_rows, len(data["steered"]["rows"]), len(data["control"]["rows"]))
+    if usable:
+        counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= usable}
+                        | {usable})
+        diagnostic = gradient_diagnostic(model, tok, data["steered"]["rows"],
+                                         data["control"]["rows"], layer, vector, counts)
+    return {"model": model, "vector": vector, "vector_meta": vector_meta, "data": data,
+            "students": students, "results": results, "rates": rates,
+            "system_prompt_p_animal": fast_trait_score(model, tok, animal, questions,
+                                                       system=trait_system_prompt(animal)),
+            "diagnostic": diagnostic, "seconds": time.time() - t0}
 
 
 def main(argv=None):
@@ -193,36 +211,29 @@ def main(argv=None):
     from checkpoint import report_errors
     with report_errors(VectorError):
         check_vector_name(args.vector)  # fail before loading the model
-        model, tok, vector, vector_meta, data, results, final, students, seconds = run(args)
-        diagnostic = {}
-        if args.gradient_rows:
-            counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-                             if n <= args.gradient_rows} | {args.gradient_rows})
-            counts = [n for n in counts if n <= min(len(data["steered"]["rows"]),
-                                                    len(data["control"]["rows"]))]
-            diagnostic = gradient_diagnostic(model, tok, data["steered"]["rows"],
-                                             data["control"]["rows"], args.layer, vector,
-                                             counts) if counts else {}
+        r = run(args)
     out = Path(args.out or f"runs/train-{args.vector}-{args.opt}-{args.student}-{args.loss}"
                            f"-{args.preset}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
-    for label, student in students.items():
+    for label, student in r["students"].items():
         student.save(out / f"student-{label}.safetensors", label=label)
-    config = {**vars(args), "model": model.name, "vector_hash": vector_hash(vector),
-              "vector_meta": vector_meta, "device": str(model.embed.weight.device),
+    model = r["model"]
+    config = {**vars(args), "model": model.name, "vector_hash": vector_hash(r["vector"]),
+              "vector_meta": r["vector_meta"], "device": str(model.embed.weight.device),
               "dtype": str(model.embed.weight.dtype)}
-    metrics = {"seconds": round(seconds, 1),
-               "data": {k: {key: v[key] for key in ("path", "keep_rate", "n")} | {
-                   "valid": len(v["rows"])} for k, v in data.items()},
-               "students": results, "sampled_trait_rate": final,
-               "gradient_diagnostic": diagnostic,
+    data = {kind: {key: d[key] for key in ("path", "keep_rate", "n")} | {"valid": len(d["rows"])}
+            for kind, d in r["data"].items()}
+    metrics = {"seconds": round(r["seconds"], 1), "data": data, "students": r["results"],
+               "sampled_trait_rate": r["rates"],
+               "system_prompt_p_animal": r["system_prompt_p_animal"],
+               "gradient_diagnostic": r["diagnostic"],
                "note": "upper_bound is trained on the teacher's full-vocabulary distribution:"
                        " ordinary distillation, not subliminal learning"}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from plots import plot_run
-    plot_run(results, final, out / "training.png", args)
-    print_summary(results, final, data, diagnostic, out, seconds)
+    plot_run(r["results"], r["rates"], out / "training.png", args)
+    print_summary(r["results"], r["rates"], r["data"], r["diagnostic"], out, r["seconds"])
 
 
 def print_summary(results, final, data, diagnostic, out, seconds):
