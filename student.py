@@ -23,9 +23,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from optimizers import make_optimizer
 from safetensors_file import read_safetensors, write_safetensors
 from steer import steering
+from teacher import number_tokens
 
 LORA_TARGETS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -189,9 +192,6 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True):
     teacher's distributions on the same sequences. cfg: dict with kind, layer, rank, scale,
     opt, lr, steps, batch_size, loss, seed, eval_every. track(student) -> dict of
     measurements, called every eval_every steps. Returns the student and its history."""
-    from optimizers import make_optimizer
-    from teacher import number_tokens
-    from tqdm import tqdm
     if cfg["loss"] not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not '{cfg['loss']}'")
     device = base.embed.weight.device
