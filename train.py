@@ -11,10 +11,10 @@ unchanged:
      teacher, on the same prompts                          (teacher.py)
   3. students fine-tuned on them, tracked every few steps   (student.py):
        main         --opt on the steered data
-       other_opt    the other optimizer (SGD <-> Adam) on the steered data   (--compare)
+       other_opt    SGD (Adam if --opt is sgd) on the steered data          (--no-compare)
        control      --opt on the control data
        upper_bound  KL over the full vocabulary: ordinary distillation, NOT subliminal;
-                    it shows what the same sequences could carry     (--upper-bound)
+                    it shows what the same sequences could carry     (--no-upper-bound)
   4. evaluation (EAS, trait scores, sampled trait rate), plots, config.json, metrics.json
 """
 import argparse
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from evaluate import eas, fast_trait_score, mean_residuals, trait_rate
+from optimizers import OPTIMIZERS
 from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, number_prompts, trait_system_prompt
 from steer import VectorError, steering
 from student import KINDS, LOSSES, Student, gradient_diagnostic, train_student
@@ -35,8 +36,13 @@ from vectors import ANIMALS, DEFAULTS, check_vector_name, resolve_vector
 # Learning rates per (student, optimizer); --lr overrides. Adaptive optimizers take steps of
 # about lr per coordinate; SGD's steps scale with the raw gradient (about 6e-3 in norm for
 # the vector student's first batch, measured), so its lr is set for steps of a similar size.
+# The adamw, rmsprop and signsgd defaults are starting points that were not tuned here.
 LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam"): 1e-5,
-                  ("full", "sgd"): 1e-2, ("vector", "adam"): 0.5, ("vector", "sgd"): 2000.0}
+                  ("full", "sgd"): 1e-2, ("vector", "adam"): 0.5, ("vector", "sgd"): 2000.0,
+                  ("lora", "adamw"): 1e-3, ("full", "adamw"): 1e-5, ("vector", "adamw"): 0.5,
+                  ("lora", "rmsprop"): 1e-4, ("full", "rmsprop"): 1e-6,
+                  ("vector", "rmsprop"): 0.05, ("lora", "signsgd"): 1e-4,
+                  ("full", "signsgd"): 1e-6, ("vector", "signsgd"): 0.5}
 PRESETS = {  # what the flags default to; explicit flags win
     "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=32, batch_size=8,
                 eval_every=8, eas_prompts=16, trait_questions=20, eval_samples=4,
@@ -54,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--vector", default="owl",
                    help=f"teacher vector: an animal ({', '.join(ANIMALS[:6])}, ...), random, "
                         f"concise, or a .safetensors file")
-    p.add_argument("--opt", default="adam", choices=["adam", "sgd"], help="student optimizer")
+    p.add_argument("--opt", default="adam", choices=sorted(OPTIMIZERS),
+                   help="student optimizer (optimizers.py)")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
                    help="cpu: a few minutes on 2 cores; paper: the paper's recipe (GPU)")
     p.add_argument("--student", choices=KINDS, help="lora, full, or a single vector")
@@ -122,7 +129,7 @@ def teacher_data(args, model, tok, vector):
 
 def train_students(args, model, tok, vector, data, track):
     """Stage 3: every student of the plan, each cached in runs/students/ by its inputs."""
-    other = "sgd" if args.opt == "adam" else "adam"
+    other = "sgd" if args.opt != "sgd" else "adam"
     plan = {"main": ("steered", args.opt, args.loss), "control": ("control", args.opt, args.loss)}
     if args.compare:
         plan["other_opt"] = ("steered", other, args.loss)
