@@ -64,3 +64,13 @@ def test_other_settings_refuse_an_existing_file(tmp_path, tiny_pair):
     write_dataset(tmp_path / "e.jsonl", model, tok, torch.zeros(32), 1, 0.0, 4)
     with pytest.raises(ValueError, match="exists with different settings"):
         write_dataset(tmp_path / "e.jsonl", model, tok, torch.zeros(32), 1, 1.0, 4)
+
+
+def test_free_mode_keeps_raw_text_and_flags_it(tmp_path, tiny_pair):
+    model, tok = tiny_pair
+    rows = write_dataset(tmp_path / "f.jsonl", model, tok, torch.zeros(32), 1, 0.0, 6,
+                         mode="free", max_new_tokens=12)
+    assert all(r["valid"] == is_valid_completion(r["completion"]) for r in rows)
+    assert any(set(r["completion"]) - set("0123456789, ") for r in rows)  # not constrained
+    with pytest.raises(ValueError, match="mode must be"):
+        write_dataset(tmp_path / "g.jsonl", model, tok, torch.zeros(32), 1, 0.0, 2, mode="x")
