@@ -150,20 +150,13 @@ def eas(student_means, base_means, teacher_vector):
     return F.cosine_similarity(v_student, teacher_vector.to(v_student)[None], dim=-1)
 
 
-@torch.no_grad()
 def kl_from_base(model, base_logprobs, prompts, batch_size=16):
     """Mean KL(base || model) of next-token distributions over the prompts' real tokens.
     base_logprobs: list of (P_i, vocab) log-probabilities, from `logprobs(base, prompts)`."""
-    device = model.embed.weight.device
     total, count = 0.0, 0
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start:start + batch_size], device=device)
-        logits, _ = model(ids, attention_mask=mask)
-        for row, base in enumerate(base_logprobs[start:start + batch_size]):
-            ours = logits[row, -len(base):].float().log_softmax(-1)         # (P_i, vocab)
-            base = base.to(device)
-            total += (base.exp() * (base - ours)).sum().item()
-            count += len(base)
+    for base, ours in zip(base_logprobs, logprobs(model, prompts, batch_size), strict=True):
+        total += (base.exp() * (base - ours)).sum().item()                 # ours: (P_i, vocab)
+        count += len(base)
     return total / count
 
 
