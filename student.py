@@ -74,9 +74,7 @@ class Student:
                                                    device=base.embed.weight.device))
 
     def parameters(self):
-        if self.vector is not None:
-            return [self.vector]
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return list(self.learned().values())
 
     def active(self):
         """The context in which the student runs (the vector student's hook)."""
@@ -84,23 +82,21 @@ class Student:
             return contextlib.nullcontext()
         return steering(self.model, self.layer, self.vector, alpha=1.0)
 
-    def save(self, path, **metadata):
-        """Write what was learned (the LoRA matrices, the vector, or every weight)."""
+    def learned(self):
+        """{name: tensor} of what trains: the vector, the LoRA matrices, or every weight."""
         if self.vector is not None:
-            tensors = {"vector": self.vector}
-        else:
-            tensors = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        write_safetensors(path, {k: v.detach().float() for k, v in tensors.items()},
-                          {"kind": self.kind, **metadata})
+            return {"vector": self.vector}
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
+    def save(self, path, **metadata):
+        """Write what was learned."""
+        write_safetensors(path, {k: v.detach().float() for k, v in self.learned().items()},
+                          {"kind": self.kind, **metadata})
 
     def load(self, path):
         """Read back what save() wrote (strictly: the same tensors, the same shapes)."""
         tensors, _ = read_safetensors(path)
-        if self.vector is not None:
-            targets = {"vector": self.vector}
-        else:
-            targets = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        targets = self.learned()
         if set(tensors) != set(targets):
             raise ValueError(f"{path}: holds other tensors than this {self.kind} student")
         with torch.no_grad():
