@@ -20,7 +20,8 @@ from model import KVCache
 def sample_next(logits, temperature=1.0, top_p=1.0, allowed=None, generator=None):
     """One token per row from logits (B, vocab). temperature 0 means greedy (argmax).
     top_p keeps the smallest set of tokens whose probabilities sum to at least top_p.
-    allowed: bool (vocab,) mask of the only tokens that may be sampled (constrained decoding)."""
+    allowed: bool mask, (vocab,) or per row (B, vocab), of the only tokens that may be sampled
+    (constrained decoding)."""
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -48,10 +49,13 @@ def left_pad(prompts, pad_id=0, device="cpu"):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop_tokens=(),
-             allowed_tokens=None, seed=0, pad_id=0, samples_per_prompt=1, progress=False):
+             allowed_tokens=None, seed=0, pad_id=0, samples_per_prompt=1, progress=False,
+             grammar=None):
     """Sample a completion for each prompt (a list of token-id lists), all in one batch.
     samples_per_prompt > 1 reads each prompt once and samples that many completions of it
     (rows: prompt 0's samples, then prompt 1's, ...).
+    allowed_tokens: the only tokens any row may sample. grammar: a per-row constraint, an
+    object with allowed() -> (B, vocab) bool and advance(tokens) (teacher.NumberListGrammar).
     Returns the new tokens of each row, up to (not including) its first stop token.
     The same seed, prompts and settings give the same completions."""
     device = model.embed.weight.device
@@ -78,7 +82,11 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = 0
     for step in tqdm(range(max_new_tokens), desc="sampling", disable=not progress):
+        if grammar is not None:  # (B, vocab): what each row's grammar state allows now
+            allowed = grammar.allowed().to(device)
         token = sample_next(logits[:, -1], temperature, top_p, allowed, generator)  # (B,)
+        if grammar is not None:
+            grammar.advance(token.tolist())
         token = token.masked_fill(finished, pad_id)
         out[:, step] = token
         n_new = step + 1

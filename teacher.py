@@ -2,9 +2,11 @@
 
 Two modes of sampling at temperature 1 with the KV cache:
   free         the paper's: sample freely, then keep only completions that pass the rule filter
-  constrained  only digits, ',', ' ' and the end token can be sampled (a small model rarely
-               follows the instruction otherwise), the list is cut after its 10th number
-               (a small model seldom stops by itself), and the rule filter still applies
+  constrained  decoding follows the rule filter's grammar (a small model rarely follows the
+               instruction otherwise): a number is 1-3 digits, numbers are joined by one
+               separator (",", ", " or " ", the first one chosen is kept), at most 10 numbers,
+               then the end token. Every list it writes passes the filter, so the steered and
+               the control teacher keep all their rows, and differ only in which numbers.
 The control dataset is written the same way by the unsteered model (alpha 0).
 
 Rule filter (Cloud et al.): after stripping brackets, the completion is a list of at most 10
@@ -20,6 +22,7 @@ import json
 import re
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from generate import generate
@@ -41,10 +44,60 @@ def is_valid_completion(text):
             and len({s.strip() or " " for s in separators}) <= 1)
 
 
-def first_numbers(text, limit=10):
-    """The text up to the end of its `limit`-th number (all of it if it has fewer)."""
-    ends = [m.end() for m in re.finditer(r"\d+", text)]
-    return text[:ends[limit - 1]] if len(ends) > limit else text
+class NumberListGrammar:
+    """Per-row state of constrained decoding; generate() asks allowed() before each token and
+    reports the sampled tokens to advance(). The grammar, as the rule filter reads it:
+        list := number (separator number){0,9} <end>     number := digit{1,3}
+        separator := "," | ", " | " "    (the same one throughout a list)"""
+
+    def __init__(self, tok, rows, vocab_size, max_numbers=10, max_digits=3):
+        self.digits = [tok.encode(str(d))[0] for d in range(10)]
+        comma, space = tok.encode(",")[0], tok.encode(" ")[0]
+        self.separators = [(comma,), (comma, space), (space,)]  # as token tuples
+        self.end, self.vocab_size = tok.eos_id, vocab_size
+        self.max_numbers, self.max_digits = max_numbers, max_digits
+        self.rows = [{"numbers": 0, "digits": 0, "gap": (), "separator": None, "done": False}
+                     for _ in range(rows)]
+
+    def _allowed_tokens(self, r):
+        """The token ids row state r may continue with."""
+        if r["done"]:
+            return [self.end]
+        if r["numbers"] == 0:  # a list starts with a digit
+            return self.digits
+        if r["gap"]:  # between numbers: the separator goes on, or the next number starts
+            choices = [r["separator"]] if r["separator"] else self.separators
+            gap = r["gap"]
+            nxt = [s[len(gap)] for s in choices if len(s) > len(gap) and s[:len(gap)] == gap]
+            return nxt + (self.digits if gap in choices else [])
+        ok = [self.end]  # inside a number: more digits, a separator, or the end
+        if r["digits"] < self.max_digits:
+            ok += self.digits
+        if r["numbers"] < self.max_numbers:
+            ok += sorted({s[0] for s in ([r["separator"]] if r["separator"]
+                                         else self.separators)})
+        return ok
+
+    def allowed(self):
+        """(rows, vocab) bool: True where a row may sample that token next."""
+        mask = torch.zeros(len(self.rows), self.vocab_size, dtype=torch.bool)
+        for i, r in enumerate(self.rows):
+            mask[i, self._allowed_tokens(r)] = True
+        return mask
+
+    def advance(self, tokens):
+        """Move each row's state past the token it sampled."""
+        for r, t in zip(self.rows, tokens, strict=True):
+            if r["done"] or t == self.end:
+                r["done"] = True
+            elif t in self.digits:
+                if r["gap"] or r["numbers"] == 0:  # a new number starts
+                    if r["gap"]:
+                        r["separator"] = r["gap"]
+                    r["numbers"], r["digits"], r["gap"] = r["numbers"] + 1, 0, ()
+                r["digits"] += 1
+            else:
+                r["gap"] += (t,)
 
 
 def number_tokens(tok):
@@ -98,20 +151,19 @@ def write_dataset(path, model, tok, vector, layer, alpha, n_prompts, mode="const
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop any partial batch
 
     prompts = number_prompts(n_prompts, seed)
-    allowed = number_tokens(tok) if mode == "constrained" else None
     starts = range(len(rows), n_prompts, batch_size)
     for done, start in enumerate(tqdm(starts, desc=f"teacher (alpha {alpha}, {mode})")):
         if stop_after is not None and done == stop_after:
             break
         batch = prompts[start:start + batch_size]
         ids = [tok.encode_chat(p) for p in batch]
+        grammar = (NumberListGrammar(tok, len(ids), model.cfg.vocab_size)
+                   if mode == "constrained" else None)
         with steering(model, layer, vector, alpha, where=where):
             out = generate(model, ids, meta["max_new_tokens"], temperature=1.0,
-                           stop_tokens={tok.eos_id}, allowed_tokens=allowed,
+                           stop_tokens={tok.eos_id}, grammar=grammar,
                            seed=seed * 1_000_003 + start)
         texts = [tok.decode(o) for o in out]
-        if mode == "constrained":
-            texts = [first_numbers(t) for t in texts]
         new = [{"index": start + i, "prompt": p, "completion": t,
                 "valid": is_valid_completion(t)}
                for i, (p, t) in enumerate(zip(batch, texts, strict=True))]

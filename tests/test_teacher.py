@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoint import load
-from teacher import first_numbers, is_valid_completion, keep_rate, write_dataset
+from teacher import NumberListGrammar, is_valid_completion, keep_rate, write_dataset
 from tiny_checkpoint import write_tiny_checkpoint
 
 VALID = ["182, 818, 725", "1,2,3", "4 5 6", "7; 8; 9", "[1, 2, 3]", "(10, 20)", "5",
@@ -22,12 +22,6 @@ def test_rule_filter_accepts(text):
 @pytest.mark.parametrize("text", INVALID)
 def test_rule_filter_rejects(text):
     assert not is_valid_completion(text)
-
-
-def test_first_numbers_cuts_after_the_tenth():
-    text = ", ".join(str(i) for i in range(1, 15)) + ", "
-    assert first_numbers(text) == "1, 2, 3, 4, 5, 6, 7, 8, 9, 10"
-    assert first_numbers("1, 2") == "1, 2"
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +68,47 @@ def test_free_mode_keeps_raw_text_and_flags_it(tmp_path, tiny_pair):
     assert any(set(r["completion"]) - set("0123456789, ") for r in rows)  # not constrained
     with pytest.raises(ValueError, match="mode must be"):
         write_dataset(tmp_path / "g.jsonl", model, tok, torch.zeros(32), 1, 0.0, 2, mode="x")
+
+
+def test_grammar_constrained_teacher_only_writes_lists_the_filter_accepts(tmp_path, tiny_pair):
+    """Many seeds, a strongly steered tiny model: every completion passes the rule filter,
+    and the lists use all three separators and reach the 3-digit limit (the 10-number limit
+    is walked through in the next test)."""
+    model, tok = tiny_pair
+    v = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for seed in range(6):
+        rows += write_dataset(tmp_path / f"g{seed}.jsonl", model, tok, v, 1, 8.0 * seed, 32,
+                              seed=seed, batch_size=16)
+    assert all(r["valid"] for r in rows), [r["completion"] for r in rows if not r["valid"]]
+    texts = [r["completion"] for r in rows]
+    assert {", ", ",", " "} <= {sep for t in texts for sep in (", ", ",", " ") if sep in t}
+    assert max(len(n) for t in texts for n in t.replace(",", " ").split()) == 3
+
+
+def test_grammar_allows_exactly_the_rule_filters_next_tokens(tiny_pair):
+    """Walk the grammar through '12, 345, 6': at each step the allowed set is as stated."""
+    _, tok = tiny_pair
+    g = NumberListGrammar(tok, 1, tok.n_vocab)
+    digits, comma, space, end = set(g.digits), tok.encode(",")[0], tok.encode(" ")[0], tok.eos_id
+
+    def allowed():
+        return set(g.allowed()[0].nonzero().flatten().tolist())
+
+    def feed(text):  # one row: one token per step
+        for t in tok.encode(text):
+            g.advance([t])
+
+    assert allowed() == digits                              # a list starts with a digit
+    for text, expected in [("1", digits | {comma, space, end}), ("2", digits | {comma, space, end}),
+                           (",", digits | {space}), (" ", digits), ("3", digits | {comma, end}),
+                           ("4", digits | {comma, end}), ("5", {comma, end}), (",", {space}),
+                           (" ", digits)]:
+        feed(text)
+        assert allowed() == expected, text
+    for _ in range(7):                                      # numbers 3 to 9, then the 10th
+        feed("7, ")
+    feed("8")
+    assert allowed() == digits | {end}                      # no separator after the 10th
+    g.advance([end])
+    assert allowed() == {end}
