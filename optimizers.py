@@ -17,7 +17,6 @@ class Optimizer:
         self.params = [p for p in params if p.requires_grad]
         self.lr = lr
         self.state = [{} for _ in self.params]
-        self.t = 0  # number of steps taken
 
     def zero_grad(self):
         for p in self.params:
@@ -25,9 +24,11 @@ class Optimizer:
 
     @torch.no_grad()
     def step(self):
-        self.t += 1
         for p, state in zip(self.params, self.state, strict=True):
-            if p.grad is not None:
+            if p.grad is not None:  # a parameter without a gradient skips the step entirely
+                # each parameter counts its own steps, as torch.optim does: one that had no
+                # gradient at some step has taken fewer (Adam's bias correction depends on it)
+                state["step"] = state.get("step", 0) + 1
                 self.update(p, p.grad, state)
 
     def update(self, p, g, state):
@@ -91,8 +92,9 @@ class Adam(Optimizer):
         m, v = state["m"], state["v"]
         m.mul_(self.beta1).add_(g, alpha=1 - self.beta1)            # m <- b1 m + (1 - b1) g
         v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)     # v <- b2 v + (1 - b2) g^2
-        m_hat = m / (1 - self.beta1 ** self.t)                      # bias corrections: early
-        v_hat = v / (1 - self.beta2 ** self.t)                      # m, v start from zero
+        t = state["step"]                                           # this parameter's steps
+        m_hat = m / (1 - self.beta1 ** t)                           # bias corrections: early
+        v_hat = v / (1 - self.beta2 ** t)                           # m, v start from zero
         # theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
         p.addcdiv_(m_hat, v_hat.sqrt().add_(self.eps), value=-self.lr)
 

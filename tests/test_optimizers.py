@@ -18,16 +18,17 @@ CASES = [
 ]
 
 
-def run(make, steps=25, sign=False):
-    """Parameters after each step, with the same gradient sequence for every optimizer."""
+def run(make, steps=25, sign=False, skip=lambda step, i: False):
+    """Parameters after each step, with the same gradient sequence for every optimizer.
+    Parameter i has no gradient (None) at the steps where skip(step, i)."""
     torch.manual_seed(0)
     params = [torch.randn(7, 5, requires_grad=True), torch.randn(3, requires_grad=True)]
     opt = make(params)
     history, g = [], torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in params:
+    for step in range(steps):
+        for i, p in enumerate(params):
             grad = torch.randn(p.shape, generator=g) * 3 + p.detach()  # depends on the weights
-            p.grad = grad.sign() if sign else grad
+            p.grad = None if skip(step, i) else grad.sign() if sign else grad
         opt.step()
         history.append([p.detach().clone() for p in params])
     return history
@@ -38,6 +39,22 @@ def run(make, steps=25, sign=False):
 def test_matches_torch_optim(name, ours, ref, theirs, lr):
     mine = run(lambda ps: optimizers.make_optimizer(name, ps, lr, **ours))
     reference = run(lambda ps: ref(ps, lr=lr, **theirs))
+    for step, (a, b) in enumerate(zip(mine, reference, strict=True)):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, msg=f"{name} differs at step {step + 1}")
+
+
+def sometimes_no_grad(step, i):
+    """The second parameter has no gradient at its first two steps and every third after."""
+    return i == 1 and (step < 2 or step % 3 == 0)
+
+
+@pytest.mark.parametrize("name,ours,ref,theirs", CASES)
+def test_matches_torch_optim_when_a_parameter_has_no_gradient(name, ours, ref, theirs):
+    """torch.optim skips such a parameter and counts steps per parameter: Adam's bias
+    correction then uses that parameter's own step count, not the optimizer's."""
+    mine = run(lambda ps: optimizers.make_optimizer(name, ps, 0.1, **ours), skip=sometimes_no_grad)
+    reference = run(lambda ps: ref(ps, lr=0.1, **theirs), skip=sometimes_no_grad)
     for step, (a, b) in enumerate(zip(mine, reference, strict=True)):
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, msg=f"{name} differs at step {step + 1}")
