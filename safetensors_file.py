@@ -32,6 +32,8 @@ def read_header(path):
         header = json.loads(data[8:8 + header_size])
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise SafetensorsError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
     return header, 8 + header_size, data
 
 
@@ -39,21 +41,47 @@ def read_safetensors(path):
     """{name: tensor} and the metadata dict of a .safetensors file."""
     header, start, data = read_header(path)
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, info in header.items():
-        if info["dtype"] not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor '{name}' has unsupported dtype "
-                                   f"{info['dtype']}")
-        begin, end = info["data_offsets"]
+    tensors, end_of_previous = {}, 0
+    # The tensors' bytes must tile the data exactly, in offset order: no negative offsets,
+    # overlaps, gaps, or bytes past the end (anything else would load junk as weights).
+    for name, info in sorted(header.items(), key=lambda item: _offsets(*item, path)):
+        begin, end = _offsets(name, info, path)
+        if begin != end_of_previous:
+            raise SafetensorsError(f"{path}: tensor '{name}' starts at byte {begin} of the "
+                                   f"data, expected {end_of_previous} (overlap or gap)")
         if start + end > len(data):
             raise SafetensorsError(f"{path}: tensor '{name}' runs past the end (truncated?)")
-        dtype = DTYPES[info["dtype"]]
-        flat = torch.frombuffer(bytearray(data[start + begin:start + end]), dtype=dtype)
-        if flat.numel() != _numel(info["shape"]):
-            raise SafetensorsError(f"{path}: tensor '{name}' has {flat.numel()} values, "
-                                   f"shape {info['shape']} needs {_numel(info['shape'])}")
-        tensors[name] = flat.reshape(info["shape"])
+        end_of_previous = end
+        if info.get("dtype") not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor '{name}' has unsupported dtype "
+                                   f"{info.get('dtype')}")
+        dtype, shape = DTYPES[info["dtype"]], info.get("shape")
+        if not (isinstance(shape, list) and all(_is_count(s) for s in shape)):
+            raise SafetensorsError(f"{path}: tensor '{name}' has a bad shape {shape}")
+        n_bytes = _numel(shape) * dtype.itemsize
+        if end - begin != n_bytes:
+            raise SafetensorsError(f"{path}: tensor '{name}' has {end - begin} bytes, "
+                                   f"shape {shape} of {info['dtype']} needs {n_bytes}")
+        raw = bytearray(data[start + begin:start + end])
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(shape)
+    if start + end_of_previous != len(data):
+        raise SafetensorsError(f"{path}: {len(data) - start - end_of_previous} bytes after the "
+                               f"last tensor belong to none")
     return tensors, metadata
+
+
+def _offsets(name, info, path):
+    """A tensor's [begin, end) within the data, checked to be two counts with begin <= end."""
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        raise SafetensorsError(f"{path}: tensor '{name}' has bad data_offsets {offsets}")
+    return tuple(offsets)
+
+
+def _is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def write_safetensors(path, tensors, metadata=None):
