@@ -16,7 +16,11 @@ Quantized tensors are stored in blocks of 32 values that share a scale:
     Q4_0: d (f16), q[16] (two 4-bit q per byte) x = d * (q - 8)
     Q4_1: d (f16), m (f16), q[16]               x = d * q + m
 In a Q4 block, byte j holds value j in its low nibble and value j + 16 in its high nibble.
+
+Every count and size in the header is checked against the file before anything is read or
+allocated by it: a corrupt or hostile header is an error, not a hang or a huge allocation.
 """
+import math
 import struct
 from dataclasses import dataclass
 
@@ -43,6 +47,11 @@ SUPPORTED = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
 SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f",
                   7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
+# The fewest bytes a value of each type can take (a string is at least its u64 length, an
+# array its item type and count): how many of them fit in the bytes left bounds any count.
+MIN_BYTES = {**{t: struct.calcsize(f) for t, f in SCALAR_FORMATS.items()}, STRING: 8, ARRAY: 12}
+MAX_NESTING = 8  # arrays of arrays: real files nest one deep; refuse absurd depths
+MAX_DIMS = 4     # ggml tensors have at most 4 dimensions
 
 
 @dataclass
@@ -70,17 +79,31 @@ class _Cursor:
     def scalar(self, fmt):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
+    def count(self, what, item_bytes):
+        """A u64 count of things that take at least item_bytes each; they must fit."""
+        n = self.scalar("<Q")
+        if n * item_bytes > len(self.buf) - self.pos:
+            raise GGUFError(f"{self.path}: truncated file or bad header ({n} {what} cannot "
+                            f"fit in the {len(self.buf) - self.pos} bytes left)")
+        return n
+
     def string(self):
         return bytes(self.take(self.scalar("<Q"))).decode("utf-8", errors="replace")
 
-    def value(self, vtype):
+    def value(self, vtype, depth=0):
         if vtype in SCALAR_FORMATS:
             return self.scalar(SCALAR_FORMATS[vtype])
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
-            item_type, count = self.scalar("<I"), self.scalar("<Q")
-            return [self.value(item_type) for _ in range(count)]
+            item_type = self.scalar("<I")
+            if item_type not in MIN_BYTES:
+                raise GGUFError(f"{self.path}: unknown metadata value type {item_type}")
+            if depth == MAX_NESTING:
+                raise GGUFError(f"{self.path}: metadata arrays nested more than "
+                                f"{MAX_NESTING} deep")
+            count = self.count("array items", MIN_BYTES[item_type])
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         raise GGUFError(f"{self.path}: unknown metadata value type {vtype}")
 
 
@@ -100,7 +123,8 @@ class GGUFFile:
         version = cur.scalar("<I")
         if version != 3:
             raise GGUFError(f"{self.path}: GGUF version {version} is not supported (need 3)")
-        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        n_tensors = cur.count("tensors", 24)    # name length, n_dims, type, offset
+        n_kv = cur.count("metadata entries", 13)  # key length, value type, one byte
 
         self.metadata = {}
         for _ in range(n_kv):
@@ -110,17 +134,41 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if n_dims > MAX_DIMS:
+                raise GGUFError(f"{self.path}: tensor '{name}' has {n_dims} dimensions "
+                                f"(at most {MAX_DIMS})")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             type_id, offset = cur.scalar("<I"), cur.scalar("<Q")
             infos.append((name, dims, type_id, offset))
 
         alignment = self.metadata.get("general.alignment", 32)
+        if type(alignment) is not int or alignment < 1 or alignment & (alignment - 1):
+            raise GGUFError(f"{self.path}: general.alignment must be a power of two, "
+                            f"not {alignment!r}")
         data_start = (cur.pos + alignment - 1) // alignment * alignment
         self.tensors = {}
         for name, dims, type_id, offset in infos:
+            if name in self.tensors:
+                raise GGUFError(f"{self.path}: tensor '{name}' is listed twice")
             type_name = GGML_TYPE_NAMES.get(type_id, f"unknown type id {type_id}")
-            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), type_name,
-                                            data_start + offset)
+            info = TensorInfo(name, tuple(reversed(dims)), type_name, data_start + offset)
+            if type_name in SUPPORTED:  # (tensor() refuses other types when asked for them)
+                self._n_bytes(info)     # its data must lie inside the file
+            self.tensors[name] = info
+
+    def _n_bytes(self, info):
+        """Bytes of a tensor's data, checked to be whole blocks that end inside the file."""
+        per_block, block_bytes = SUPPORTED[info.type_name]
+        n_values = math.prod(info.shape)  # Python integers: no overflow
+        if n_values % per_block:
+            raise GGUFError(f"{self.path}: tensor '{info.name}' has {n_values} values, not "
+                            f"whole blocks of {per_block} ({info.type_name})")
+        n_bytes = n_values // per_block * block_bytes
+        if info.offset + n_bytes > len(self.buf):
+            raise GGUFError(f"{self.path}: tensor '{info.name}' runs past the end of the file "
+                            f"(truncated?)")
+        return n_bytes
 
     def tensor(self, name):
         """Dequantize one tensor to a float32 numpy array of its PyTorch shape."""
@@ -129,13 +177,7 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: tensor '{name}' has type {info.type_name}, "
                             f"which this reader does not support "
                             f"(supported: {', '.join(SUPPORTED)})")
-        per_block, block_bytes = SUPPORTED[info.type_name]
-        n_values = int(np.prod(info.shape))
-        n_bytes = n_values // per_block * block_bytes
-        if n_values % per_block or info.offset + n_bytes > len(self.buf):
-            raise GGUFError(f"{self.path}: tensor '{name}' runs past the end of the file "
-                            f"(truncated?)")
-        raw = np.asarray(self.buf[info.offset:info.offset + n_bytes])
+        raw = np.asarray(self.buf[info.offset:info.offset + self._n_bytes(info)])
         return dequantize(raw, info.type_name).reshape(info.shape)
 
 
