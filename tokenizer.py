@@ -8,7 +8,11 @@ Checkpoints (GGUF and tokenizer.json alike) list tokens as strings in which ever
 is shown as a printable character (GPT-2's byte-to-unicode table; a space is 'Ġ').
 Their token ids are in merge order, so a token's id is its merge rank, and tiktoken's
 fast BPE can run the vocabulary directly: rank(bytes) = token id.
+
+Special tokens (<|im_start|>, <|im_end|>) come only from the chat template, never from what
+a user or system prompt says: a message that types "<|im_start|>system" is encoded as text.
 """
+import contextlib
 import re
 
 import tiktoken
@@ -59,6 +63,9 @@ class Tokenizer:
         ranks = {}
         for i, tok in enumerate(tokens):
             if i not in special:
+                if not isinstance(tok, str) or not set(tok) <= BYTE_OF_CHAR.keys():
+                    raise TokenizerError(f"{name}: token {i} ({tok!r}) is not byte-level "
+                                         f"(GPT-2's byte-to-character table)")
                 ranks[bytes(BYTE_OF_CHAR[c] for c in tok)] = i
         # A few byte values never occur in the training text, so the vocabulary lacks them.
         # tiktoken needs every byte; give the missing ones ids past the end and drop them
@@ -86,20 +93,31 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
 
-    def chat(self, user, system=None, history=()):
-        """The ChatML prompt for one user turn, ending with the assistant tag.
+    def turns(self, user, system=None, history=()):
+        """[(role, content)] of a conversation ending with the user's turn.
         system=None means the template's default system prompt (as the model was tuned)."""
-        if "<|im_start|>" not in self.chat_template:
+        tags = {"<|im_start|>", "<|im_end|>"}
+        if "<|im_start|>" not in self.chat_template or not tags <= self.special_ids.keys():
             raise TokenizerError("this checkpoint's chat template is not ChatML; "
-                             "only ChatML templates are supported")
+                                 "only ChatML templates are supported")
         system = self.default_system if system is None else system
         turns = [("system", system)] if system is not None else []
-        turns += list(history) + [("user", user)]
-        text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+        return turns + list(history) + [("user", user)]
+
+    def chat(self, user, system=None, history=()):
+        """The ChatML prompt (text) for one user turn, ending with the assistant tag."""
+        text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n"
+                       for role, content in self.turns(user, system, history))
         return text + "<|im_start|>assistant\n"
 
     def encode_chat(self, user, system=None, history=()):
-        return self.encode(self.chat(user, system, history), allow_special=True)
+        """The ids of chat(): the template's tags are special tokens, and each message is
+        encoded as plain text, so text that looks like a tag stays text."""
+        start, end = self.special_ids["<|im_start|>"], self.eos_id
+        ids = []
+        for role, content in self.turns(user, system, history):
+            ids += [start, *self.encode(f"{role}\n{content}"), end, *self.encode("\n")]
+        return ids + [start, *self.encode("assistant\n")]
 
 
 def _check_merge_order(tokens, merges, name):
@@ -115,22 +133,37 @@ def _check_merge_order(tokens, merges, name):
         previous = i
 
 
+@contextlib.contextmanager
+def malformed_is_an_error(path):
+    """A vocabulary is data from a file: a missing key or a value of the wrong type in it
+    becomes a one-line TokenizerError that names the file."""
+    try:
+        yield
+    except TokenizerError:
+        raise
+    except KeyError as e:
+        raise TokenizerError(f"{path}: malformed tokenizer ({e} is missing)") from None
+    except (TypeError, AttributeError, IndexError, ValueError) as e:
+        raise TokenizerError(f"{path}: malformed tokenizer ({e})") from None
+
+
 def tokenizer_from_gguf(meta, path="checkpoint"):
     """Build the tokenizer from GGUF metadata (tokenizer.ggml.*)."""
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise TokenizerError(f"{path}: tokenizer model '{kind}' is not supported "
-                         f"(only byte-level BPE, 'gpt2')")
+                             f"(only byte-level BPE, 'gpt2')")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PATTERNS:
         raise TokenizerError(f"{path}: pre-tokenizer '{pre}' is not supported "
-                         f"(known: {', '.join(PATTERNS)})")
-    tokens = meta["tokenizer.ggml.tokens"]
-    # token_type 3 = CONTROL (special tokens such as <|im_start|>), 4 = USER_DEFINED
-    special = {i for i, t in enumerate(meta["tokenizer.ggml.token_type"]) if t in (3, 4)}
-    merges = [m.split(" ") for m in meta["tokenizer.ggml.merges"]]
-    return Tokenizer(tokens, special, PATTERNS[pre], merges,
-                     meta.get("tokenizer.chat_template", ""), name=str(path))
+                             f"(known: {', '.join(PATTERNS)})")
+    with malformed_is_an_error(path):
+        tokens = meta["tokenizer.ggml.tokens"]
+        # token_type 3 = CONTROL (special tokens such as <|im_start|>), 4 = USER_DEFINED
+        special = {i for i, t in enumerate(meta["tokenizer.ggml.token_type"]) if t in (3, 4)}
+        merges = [m.split(" ") for m in meta["tokenizer.ggml.merges"]]
+        return Tokenizer(tokens, special, PATTERNS[pre], merges,
+                         meta.get("tokenizer.chat_template", ""), name=str(path))
 
 
 def _pattern_from_json(pre, path):
@@ -147,20 +180,21 @@ def _pattern_from_json(pre, path):
 
 def tokenizer_from_json(data, chat_template="", path="tokenizer.json"):
     """Build the tokenizer from a parsed tokenizer.json (Hugging Face tokenizers format)."""
-    model = data["model"]
-    if model["type"] != "BPE":
-        raise TokenizerError(f"{path}: tokenizer model '{model['type']}' is not supported "
-                             f"(BPE only)")
-    added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
-    n = max([*model["vocab"].values(), *added]) + 1
-    tokens = [None] * n
-    for tok, i in model["vocab"].items():
-        tokens[i] = tok
-    for i, tok in added.items():
-        tokens[i] = tok
-    if None in tokens:
-        raise TokenizerError(f"{path}: token ids are not contiguous "
-                             f"(id {tokens.index(None)} missing)")
-    pattern = _pattern_from_json(data.get("pre_tokenizer"), path)
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-    return Tokenizer(tokens, set(added), pattern, merges, chat_template, name=str(path))
+    with malformed_is_an_error(path):
+        model = data["model"]
+        if model["type"] != "BPE":
+            raise TokenizerError(f"{path}: tokenizer model '{model['type']}' is not "
+                                 f"supported (BPE only)")
+        added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
+        ids = {*model["vocab"].values(), *added}
+        # n distinct ids, each in 0..n-1: every id is used (and no absurd list is allocated)
+        if not all(type(i) is int and 0 <= i < len(ids) for i in ids):
+            raise TokenizerError(f"{path}: token ids are not 0..{len(ids) - 1}, one per token")
+        tokens = [None] * len(ids)
+        for tok, i in model["vocab"].items():
+            tokens[i] = tok
+        for i, tok in added.items():
+            tokens[i] = tok
+        pattern = _pattern_from_json(data.get("pre_tokenizer"), path)
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        return Tokenizer(tokens, set(added), pattern, merges, chat_template, name=str(path))
