@@ -17,6 +17,10 @@ from tqdm import tqdm
 from model import KVCache
 
 
+class GenerateError(ValueError):
+    """A request generate() cannot serve (e.g. longer than the model's context)."""
+
+
 def sample_next(logits, temperature=1.0, top_p=1.0, allowed=None, generator=None):
     """One token per row from logits (B, vocab). temperature 0 means greedy (argmax).
     top_p keeps the smallest set of tokens whose probabilities sum to at least top_p.
@@ -58,6 +62,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
     object with allowed() -> (B, vocab) bool and advance(tokens) (teacher.NumberListGrammar).
     Returns the new tokens of each row, up to (not including) its first stop token.
     The same seed, prompts and settings give the same completions."""
+    check_request(model.cfg, prompts, max_new_tokens)
     device = model.embed.weight.device
     ids, prompt_mask = left_pad(prompts, pad_id, device)                  # (B, P) each
     P, N = ids.shape[1], samples_per_prompt
@@ -104,6 +109,18 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
     return completions
 
 
+def check_request(cfg, prompts, max_new_tokens):
+    """Refuse what the model cannot do, before the KV cache (sized by the request) is made:
+    empty prompts, or a prompt + new tokens longer than the model's context."""
+    if max_new_tokens < 1 or not prompts or not all(prompts):
+        raise GenerateError("need at least one prompt, each of at least one token, and "
+                            "max_new_tokens >= 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise GenerateError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens "
+                            f"exceeds the model's context length ({cfg.max_seq_len} tokens)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Talk to the model: one prompt, one reply.")
     parser.add_argument("--prompt", required=True, help="the user's message")
@@ -123,7 +140,8 @@ def main(argv=None):
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
 
     from checkpoint import load, report_errors
-    with report_errors():
+    # (run as a script, this file's GenerateError is __main__'s, not the one checkpoint knows)
+    with report_errors(GenerateError):
         model, tok = load(args.checkpoint, device=args.device)
         prompt = tok.encode(args.prompt) if args.raw else tok.encode_chat(args.prompt,
                                                                           args.system)

@@ -1,7 +1,8 @@
 """Sampling: seeds, constrained decoding, stop tokens, top-p."""
+import pytest
 import torch
 
-from generate import generate, sample_next
+from generate import GenerateError, generate, sample_next
 
 
 def test_same_seed_same_samples(tiny):
@@ -48,3 +49,20 @@ def test_samples_per_prompt_equals_repeated_prompts(tiny):
                      samples_per_prompt=3, seed=5)
         b = generate(tiny, repeated, max_new_tokens=8, temperature=temperature, seed=5)
         assert a == b
+
+
+def test_requests_past_the_context_are_refused(tiny):
+    """The tiny model's context is 128 positions: the prompt and the new tokens must fit, and
+    the refusal comes before any KV cache is allocated."""
+    assert len(generate(tiny, [[1] * 100], max_new_tokens=28, temperature=0)[0]) == 28
+    with pytest.raises(GenerateError, match=r"a prompt of 100 tokens \+ 29 new tokens exceeds "
+                                            r"the model's context length \(128 tokens\)"):
+        generate(tiny, [[1] * 100, [2]], max_new_tokens=29)
+    with pytest.raises(GenerateError, match="exceeds the model's context length"):
+        generate(tiny, [[1]], max_new_tokens=10**12)  # a KV cache of 10^12 positions
+
+
+@pytest.mark.parametrize("prompts,n_new", [([], 5), ([[1], []], 5), ([[1]], 0)])
+def test_empty_requests_are_refused(tiny, prompts, n_new):
+    with pytest.raises(GenerateError, match="at least one token"):
+        generate(tiny, prompts, max_new_tokens=n_new)
