@@ -199,31 +199,8 @@ class GPT(nn.Module):
         padding, S = tokens in the cache + T (left padding: each row's text ends at the right).
         targets: (B, T) next-token ids, -100 where no loss is taken.
         Returns logits (B, T, vocab) (only the last position if last_only) and the loss."""
-        B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if attention_mask is None and past == 0:  # one unpadded sequence: plain causal
-            positions = torch.arange(T, device=idx.device).expand(B, T)      # (B, T)
-            mask = None
-        else:
-            real = (attention_mask.bool() if attention_mask is not None       # (B, S)
-                    else torch.ones(B, past + T, dtype=torch.bool, device=idx.device))
-            # each row counts positions from its first real token, so padding shifts nothing
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-            query_at = torch.arange(past, past + T, device=idx.device)[:, None]  # (T, 1)
-            key_at = torch.arange(past + T, device=idx.device)[None, :]          # (1, S)
-            causal = key_at <= query_at                                    # (T, S)
-            mask = causal & real[:, None, :]                               # (B, T, S)
-            # a padding query sees no real key; let it see itself so softmax stays finite
-            mask = (mask | (key_at == query_at))[:, None]                  # (B, 1, T, S)
-        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
-                                  self.embed.weight.dtype)
-
         x = self.embed(idx)                                                # (B, T, d_model)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += T
-        x = self.norm(x)
+        x = self.norm(self.run_blocks(x, attention_mask, cache))
         if last_only:
             x = x[:, -1:]                                                  # (B, 1, d_model)
         logits = self.lm_head(x)                                           # (B, T, vocab)
@@ -232,3 +209,32 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                    ignore_index=-100)
         return logits, loss
+
+    def run_blocks(self, x, attention_mask=None, cache=None, first=0, last=None):
+        """Blocks first .. last-1 (default: all) on the residual stream x (B, T, d_model);
+        returns the stream after them. A later `first` continues from a stream saved after
+        block first-1 (batches.py caches it); an earlier `last` stops there (steer.py reads
+        the stream after a block without running the rest)."""
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None and past == 0:  # one unpadded sequence: plain causal
+            positions = torch.arange(T, device=x.device).expand(B, T)        # (B, T)
+            mask = None
+        else:
+            real = (attention_mask.bool() if attention_mask is not None       # (B, S)
+                    else torch.ones(B, past + T, dtype=torch.bool, device=x.device))
+            # each row counts positions from its first real token, so padding shifts nothing
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            query_at = torch.arange(past, past + T, device=x.device)[:, None]  # (T, 1)
+            key_at = torch.arange(past + T, device=x.device)[None, :]          # (1, S)
+            causal = key_at <= query_at                                    # (T, S)
+            mask = causal & real[:, None, :]                               # (B, T, S)
+            # a padding query sees no real key; let it see itself so softmax stays finite
+            mask = (mask | (key_at == query_at))[:, None]                  # (B, 1, T, S)
+        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                                  self.embed.weight.dtype)
+        for block in self.blocks[first:last]:
+            x = block(x, cos, sin, mask, cache=cache)  # steer.py's hook reads cache=
+        if cache is not None:
+            cache.length += T
+        return x                                                           # (B, T, d_model)

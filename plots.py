@@ -1,39 +1,84 @@
-"""The figures of a training run: EAS and trait score over steps, and the trait rates."""
+"""The figures of a training run: the trait and the alignment over the steps, EAS by block,
+the sampled trait rates, and the two teachers' datasets side by side."""
 import matplotlib
 
 matplotlib.use("Agg")  # draw to files; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABELS = {"main": "{opt} (steered data)", "other_opt": "{opt} (steered data)",
-          "control": "{opt} (control data)",
+LABELS = {"main": "{opt}, steered teacher's numbers", "other_opt": "{opt}, steered numbers",
+          "control": "{opt}, control teacher's numbers (random vector)",
           "upper_bound": "{opt}, full-vocabulary KL (ordinary distillation, upper bound)"}
+STYLES = {"main": "-", "other_opt": "-", "control": "--", "upper_bound": ":"}
 
 
-def plot_run(results, final, path, args):
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for label, r in results.items():
+def plot_run(results, report, path, args):
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+    (trait, loss, projection), (eas, by_block, bars) = axes
+    p = report["p_animal"]
+    for i, (label, r) in enumerate(results.items()):
         steps = [h["step"] for h in r["history"]]
         name = LABELS[label].format(opt=r["config"]["opt"])
-        style = ":" if label == "upper_bound" else "--" if label == "control" else "-"
-        axes[0].plot(steps, [h["eas"] for h in r["history"]], style, marker="o", label=name)
-        axes[1].plot(steps, [h["trait"] for h in r["history"]], style, marker="o", label=name)
-    axes[0].axhline(0, color="grey", lw=0.5)
-    axes[0].set(xlabel="step", ylabel=f"EAS = cos(v_student, v_teacher), block {args.layer}",
-                title="alignment with the teacher's vector")
-    axes[1].set(xlabel="step", ylabel=f"P({args.animal}) after the answer prefix",
-                title="trait score")
-    axes[0].legend(fontsize=8)
-    bars = ["base", "teacher", *results]
-    rates = [final[b]["rate"] for b in bars]
-    errors = [[final[b]["rate"] - final[b]["low"] for b in bars],
-              [final[b]["high"] - final[b]["rate"] for b in bars]]
-    axes[2].bar(range(len(bars)), rates, yerr=errors, capsize=3,
-                color=["grey", "black", *[f"C{i}" for i in range(len(results))]])
-    axes[2].set_xticks(range(len(bars)), [b.replace("_", "\n") for b in bars], fontsize=8)
-    axes[2].set(ylabel=f"sampled rate of '{args.animal}' after the prefix (95% CI)",
-                title="trait rate: base, teacher, students")
-    fig.suptitle(f"{args.student} students, {args.loss} loss, teacher: {args.vector} vector, "
-                 f"block {args.layer}, alpha {args.alpha:g}")
+        style = dict(linestyle=STYLES[label], marker="o", markersize=3, color=f"C{i}")
+        trait.plot(steps, [100 * h["p_animal"] for h in r["history"]], label=name, **style)
+        loss.plot(steps[1:], [h["loss"] for h in r["history"][1:]], **style)
+        projection.plot(steps, [h["projection"] for h in r["history"]], **style)
+        eas.plot(steps, [h["eas"] for h in r["history"]], **style)
+        if label in report["eas_minus_control"]:
+            eas.plot(steps[1:], report["eas_minus_control"][label], color=f"C{i}", lw=2.5,
+                     alpha=0.4, label=f"{label} minus control")
+        by_block.plot(report["eas_by_block"][label], **style)
+    trait.axhline(100 * p["base"], color="grey", lw=1, label="base model")
+    trait.set_yscale("log")
+    trait.set(xlabel="step", ylabel=f"P({args.animal}) after the answer prefix, %",
+              title=f"the trait (teacher: {100 * p['teacher']:.1f}%)")
+    trait.legend(fontsize=7)
+    loss.set(xlabel="step", ylabel=f"training loss ({args.loss}; upper bound: kl_full)",
+             yscale="log", title="loss on the numbers")
+    projection.set(xlabel="step", ylabel="shift along v / (alpha |v|)",
+                   title=f"how far the student moved along v (block {args.layer})")
+    eas.set(xlabel="step", ylabel="cosine with v",
+            title="EAS at the teacher's block; wide: student minus control student")
+    eas.legend(fontsize=7)
+    by_block.set(xlabel="block", ylabel="EAS (cos with the block's shift)",
+                 title="EAS by block, final students")
+    for ax in (projection, eas, by_block):
+        ax.axhline(0, color="grey", lw=0.5)
+    rates = report["sampled_trait_rate"]
+    names = list(rates)
+    values = [100 * rates[b]["rate"] for b in names]
+    errors = [[100 * (rates[b]["rate"] - rates[b]["low"]) for b in names],
+              [100 * (rates[b]["high"] - rates[b]["rate"]) for b in names]]
+    bars.bar(range(len(names)), values, yerr=errors, capsize=3,
+             color=["grey", "black", *[f"C{i}" for i in range(len(names) - 2)]])
+    bars.set_xticks(range(len(names)), [b.replace("_", "\n") for b in names], fontsize=8)
+    bars.set(ylabel=f"sampled '{args.animal}' after the prefix, % (95% CI)",
+             title="sampled trait rate")
+    fig.suptitle(f"{args.student} students, {args.loss} loss; teacher: {args.vector} vector "
+                 f"at block {args.layer}, alpha {args.alpha:g}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_datasets(data, path):
+    """What the student sees: the steered and the control teacher's numbers side by side."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    width = 0.4
+    separators = sorted({sep for d in data.values() for sep in d["numbers"]["separators"]})
+    for i, (kind, d) in enumerate(data.items()):
+        s = d["numbers"]
+        share = [c / max(1, s["numbers"]) for c in s["values_by_hundred"]]
+        axes[0].bar([k + (i - 0.5) * width for k in range(10)], share, width, label=kind)
+        lists = [c / max(1, s["lists"]) for c in s["numbers_per_list"]]
+        axes[1].bar([k + 1 + (i - 0.5) * width for k in range(10)], lists, width, label=kind)
+        axes[2].bar([k + (i - 0.5) * width for k in range(len(separators))],
+                    [s["separators"].get(sep, 0) / max(1, s["lists"]) for sep in separators],
+                    width, label=kind)
+    axes[2].set_xticks(range(len(separators)), [repr(sep) for sep in separators])
+    axes[0].set(xlabel="value (hundreds)", ylabel="share of numbers", title="number values")
+    axes[1].set(xlabel="numbers in the list", ylabel="share of lists", title="list length")
+    axes[2].set(ylabel="share of lists", title="separator")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

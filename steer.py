@@ -31,7 +31,7 @@ class VectorError(ValueError):
     """A steering vector that cannot be used; the message names the file or name."""
 
 
-def _positions(where, decoding, hidden, prompt_mask):
+def steered_positions(where, decoding, hidden, prompt_mask):
     """Which positions to change: None = all of them, else a (B, T, 1) 0/1 tensor."""
     B, T, _ = hidden.shape
     if where == "all":
@@ -68,10 +68,12 @@ def steering(model, layer, vector, alpha=1.0, where="all", mode="add", prompt_ma
         raise VectorError(f"vector has shape {tuple(vector.shape)}, the model needs "
                           f"({model.cfg.d_model},)")
 
-    def hook(block, args, output):                                       # output: (B, T, d)
-        cache = args[4] if len(args) > 4 else None
+    def hook(block, args, kwargs, output):                               # output: (B, T, d)
+        # the model passes each block its KV cache as cache=...; during generation the cache
+        # is empty for the prompt pass and holds the past for each new token
+        cache = kwargs.get("cache")
         decoding = cache is not None and cache.length > 0
-        chosen = _positions(where, decoding, output, prompt_mask)
+        chosen = steered_positions(where, decoding, output, prompt_mask)
         v = vector.to(device=output.device, dtype=output.dtype)             # (d,)
         if mode == "add":
             change = alpha * v                                              # (d,)
@@ -80,36 +82,28 @@ def steering(model, layer, vector, alpha=1.0, where="all", mode="add", prompt_ma
             change = -(output @ v_hat)[..., None] * v_hat                   # (B, T, d)
         return output + (change if chosen is None else change * chosen)
 
-    handle = model.blocks[layer].register_forward_hook(hook)
+    handle = model.blocks[layer].register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
 
 
-class _Enough(Exception):
-    """Raised inside a hook to stop a forward pass once the wanted blocks have run."""
-
-
 @torch.no_grad()
 def read_residuals(model, ids, attention_mask=None, layers=None):
     """{layer: (B, T, d_model)} residual stream after each block in `layers` (default all).
-    The forward pass stops after the last block asked for; active steering hooks apply."""
+    Only the blocks up to the last one asked for run; active steering hooks apply."""
     layers = sorted(set(range(len(model.blocks)) if layers is None else layers))
     seen = {}
 
     def make_hook(layer):
         def hook(block, args, output):
             seen[layer] = output
-            if len(seen) == len(layers):
-                raise _Enough
         return hook
 
     handles = [model.blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
     try:
-        model(ids, attention_mask=attention_mask)
-    except _Enough:
-        pass
+        model.run_blocks(model.embed(ids), attention_mask, last=layers[-1] + 1)
     finally:
         for handle in handles:
             handle.remove()

@@ -15,20 +15,25 @@ Three losses:
     kl_full     KL over the full vocabulary: ordinary distillation. The teacher's probability
                 of " owl" at every number position is handed over directly, so this is an
                 upper bound on what the data could carry, NOT subliminal learning.
+What trains (and the optimizer's state) is kept in fp32, also when the frozen base is bf16:
+small updates would round away in bf16. Batches and the teacher's targets are prepared once,
+in batches.py; the training loop is below.
 """
 import contextlib
 import copy
+import json
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from batches import prepare_batches
 from optimizers import make_optimizer
 from safetensors_file import read_safetensors, write_safetensors
 from steer import steering
-from teacher import number_tokens
 
 LORA_TARGETS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -36,29 +41,49 @@ KINDS = ("lora", "full", "vector")
 LOSSES = ("ce", "kl_numbers", "kl_full")
 
 
+@dataclass
+class StudentConfig:
+    kind: str          # lora, full or vector
+    layer: int         # the vector student's block (the teacher's)
+    opt: str           # optimizer name (optimizers.py)
+    lr: float          # peak learning rate of the cosine schedule
+    loss: str          # ce, kl_numbers or kl_full
+    steps: int         # optimizer steps
+    batch_size: int    # rows per step
+    eval_every: int    # measure every this many steps
+    rank: int = 8      # LoRA rank
+    scale: float = 4.0  # LoRA alpha / rank
+    seed: int = 0      # LoRA initialisation and batch order
+
+
 class LoRALinear(nn.Module):
-    """y = W x + scale * B (A x); only A and B train."""
+    """y = W x + scale * B (A x); only A and B train (in fp32)."""
 
     def __init__(self, base, rank, scale, generator):
         super().__init__()
         self.base, self.scale = base, scale
         bound = 1 / math.sqrt(base.in_features)   # A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0
         a = (torch.rand(rank, base.in_features, generator=generator) * 2 - 1) * bound
-        self.A = nn.Parameter(a.to(base.weight))                      # (r, in)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))  # (out, r)
+        device = base.weight.device
+        self.A = nn.Parameter(a.to(device))                                          # (r, in)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # (out, r)
 
     def forward(self, x):                                             # x: (B, T, in)
-        return self.base(x) + self.scale * (x @ self.A.T) @ self.B.T  # (B, T, out)
+        update = (x.float() @ self.A.T) @ self.B.T                    # (B, T, out), fp32
+        return self.base(x) + (self.scale * update).to(x.dtype)       # (B, T, out)
 
 
 class Student:
-    """A trainable copy of the base model. Use `with student.active(): student.model(...)`."""
+    """A trainable copy of the base model. Use `with student.active(): student.model(...)`.
+    A vector student shares the (frozen) base model and adds its vector with a hook."""
 
     def __init__(self, base, kind="lora", layer=None, rank=8, scale=4.0, seed=0):
         if kind not in KINDS:
             raise ValueError(f"student must be one of {KINDS}, not '{kind}'")
         self.kind, self.layer = kind, layer
-        self.model = copy.deepcopy(base)
+        self.model = base if kind == "vector" else copy.deepcopy(base)
+        if kind == "full":
+            self.model.float()  # the trained weights in fp32
         for p in self.model.parameters():
             p.requires_grad_(kind == "full")
         self.vector = None
@@ -88,55 +113,49 @@ class Student:
             return {"vector": self.vector}
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
-    def save(self, path, **metadata):
-        """Write what was learned."""
-        write_safetensors(path, {k: v.detach().float() for k, v in self.learned().items()},
-                          {"kind": self.kind, **metadata})
+    def save(self, path, history=None, **metadata):
+        """Write what was learned (refused if it is not finite), and the training history
+        (its residual shifts as one tensor, the rest as JSON metadata)."""
+        tensors = {k: v.detach().float().cpu() for k, v in self.learned().items()}
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise FloatingPointError(f"the {self.kind} student's weights are not finite: "
+                                     f"not saved (lower --lr)")
+        if history is not None:
+            tensors["shifts"] = torch.tensor([h["shift"] for h in history])  # (n_evals, d)
+            metadata["history"] = json.dumps([{k: v for k, v in h.items() if k != "shift"}
+                                              for h in history])
+        write_safetensors(path, tensors, {"kind": self.kind, **metadata})
 
     def load(self, path):
-        """Read back what save() wrote (strictly: the same tensors, the same shapes)."""
-        tensors, _ = read_safetensors(path)
+        """Read back what save() wrote (strictly: the same tensors, the same shapes);
+        returns the training history, if one was saved."""
+        tensors, metadata = read_safetensors(path)
+        shifts = tensors.pop("shifts", None)
         targets = self.learned()
         if set(tensors) != set(targets):
             raise ValueError(f"{path}: holds other tensors than this {self.kind} student")
+        for name, p in targets.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{path}: '{name}' has shape {tuple(tensors[name].shape)}, "
+                                 f"this student's has {tuple(p.shape)}")
         with torch.no_grad():
             for name, p in targets.items():
-                p.copy_(tensors[name].reshape(p.shape))
+                p.copy_(tensors[name])
+        if "history" not in metadata:
+            return None
+        history = json.loads(metadata["history"])
+        for h, shift in zip(history, shifts.tolist(), strict=True):
+            h["shift"] = shift
+        return history
 
 
-def encode_rows(tok, rows):
-    """(prompt ids with the default system prompt, completion ids + end token) per row."""
-    return [(tok.encode_chat(r["prompt"]), tok.encode(r["completion"]) + [tok.eos_id])
-            for r in rows]
-
-
-def make_batch(examples, device):
-    """Left-padded ids and mask (B, T), and targets (B, T): the next token at positions
-    that predict a completion token, -100 elsewhere."""
-    width = max(len(p) + len(c) for p, c in examples)
-    ids = torch.zeros(len(examples), width, dtype=torch.long)
-    mask = torch.zeros(len(examples), width, dtype=torch.long)
-    targets = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, (prompt, completion) in enumerate(examples):
-        seq = prompt + completion
-        start = width - len(seq)
-        ids[row, start:] = torch.tensor(seq)
-        mask[row, start:] = 1
-        first = width - len(completion)          # column of the first completion token
-        targets[row, first - 1:width - 1] = torch.tensor(completion)
-    return ids.to(device), mask.to(device), targets.to(device)
-
-
-def distillation_loss(student_logits, teacher_logits, targets, kind, number_ids=None):
-    """The student's loss on a batch; logits (B, T, vocab), targets (B, T)."""
+def distillation_loss(student_logits, teacher_logits, targets, kind):
+    """The student's loss at the N positions that predict a completion token.
+    student_logits: (N, V); targets: (N,) sampled next tokens (ce); teacher_logits: (N, V)
+    (the KL losses; for kl_numbers both are already restricted to the V number tokens)."""
     if kind == "ce":
-        return F.cross_entropy(student_logits.flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=-100)
-    keep = targets != -100                                            # (B, T)
-    s, t = student_logits[keep].float(), teacher_logits[keep].float()  # (N, vocab)
-    if kind == "kl_numbers":  # both renormalised over the number tokens only
-        s, t = s[:, number_ids], t[:, number_ids]                     # (N, n_numbers)
-    s, t = s.log_softmax(-1), t.log_softmax(-1)
+        return F.cross_entropy(student_logits.float(), targets)
+    s, t = student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1)
     return (t.exp() * (t - s)).sum(-1).mean()                         # KL(teacher || student)
 
 
@@ -149,75 +168,61 @@ def cosine_lr(step, total, peak, warmup_fraction=0.05):
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def completion_gradients(model, tok, rows, layer, device):
-    """Per row, the gradient of its completion loss w.r.t. the residual after block `layer`
-    at the last prompt token (the assistant tag): (n_rows, d_model)."""
-    out = []
-    for prompt, completion in encode_rows(tok, rows):
-        ids, mask, targets = make_batch([(prompt, completion)], device)
-        added = torch.zeros(ids.shape[1], model.cfg.d_model, device=device,
-                            dtype=model.embed.weight.dtype, requires_grad=True)  # (T, d)
-
-        def hook(block, args, output, added=added):
-            return output + added
-
-        handle = model.blocks[layer].register_forward_hook(hook)
-        try:
-            _, loss = model(ids, targets=targets, attention_mask=mask)
-        finally:
-            handle.remove()
-        (grad,) = torch.autograd.grad(loss, [added])                   # (T, d)
-        out.append(grad[ids.shape[1] - len(completion) - 1].float())   # the last prompt token
-    return torch.stack(out)
+def student_logits(student, base, batch, loss):
+    """The student's logits at the batch's loss positions: (N, vocab), or (N, n_numbers) for
+    kl_numbers. A vector student with a cached prefix runs only the blocks after its vector."""
+    keep = batch.targets != -100                                           # (B, T)
+    if batch.prefix is not None:  # blocks 0..layer never change for a vector student
+        h = (batch.prefix.float() + student.vector).to(batch.prefix.dtype)  # (B, T, d)
+        x = base.norm(base.run_blocks(h, batch.mask, first=student.layer + 1))[keep]  # (N, d)
+    else:
+        with student.active():
+            m = student.model
+            x = m.norm(m.run_blocks(m.embed(batch.ids), batch.mask))[keep]  # (N, d)
+    head = student.model.lm_head.weight                                    # (vocab, d)
+    if loss == "kl_numbers":
+        head = head[batch.number_ids]                                      # (n_numbers, d)
+    return x @ head.T                                                      # (N, vocab or n)
 
 
-def gradient_diagnostic(model, tok, steered_rows, control_rows, layer, vector, counts):
-    """cos(mean gradient on steered rows - mean on control rows, v) as more rows are pooled.
-    Descent moves activations against the gradient: alignment shows as a negative cosine."""
-    device = model.embed.weight.device
-    g_steered = completion_gradients(model, tok, steered_rows[:max(counts)], layer, device)
-    g_control = completion_gradients(model, tok, control_rows[:max(counts)], layer, device)
-    v = vector.float().to(device)
-    return {n: F.cosine_similarity(g_steered[:n].mean(0) - g_control[:n].mean(0), v,
-                                   dim=0).item() for n in counts}
-
-
-def train_student(base, tok, rows, teacher, cfg, track, progress=True):
-    """Fine-tune a student on rows (valid teacher completions).
-    teacher: (vector, layer, alpha, where), used by the KL losses to recompute the steered
-    teacher's distributions on the same sequences. cfg: dict with kind, layer, rank, scale,
-    opt, lr, steps, batch_size, loss, seed, eval_every. track(student) -> dict of
-    measurements, called every eval_every steps. Returns the student and its history."""
-    if cfg["loss"] not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, not '{cfg['loss']}'")
-    device = base.embed.weight.device
-    student = Student(base, cfg["kind"], cfg["layer"], cfg["rank"], cfg["scale"], cfg["seed"])
-    optimizer = make_optimizer(cfg["opt"], student.parameters(), cfg["lr"])
-    examples = encode_rows(tok, rows)
-    number_ids = number_tokens(tok)
-    g = torch.Generator().manual_seed(cfg["seed"])
+def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=None):
+    """Fine-tune a student on rows (valid teacher completions) and return it and its history.
+    teacher: teacher.Teacher, the steered model that wrote the rows (the KL losses match its
+    distributions). cfg: StudentConfig (train.py). track(student) -> dict of measurements,
+    called at step 0 and every cfg.eval_every steps. batches: prepared by batches.py (made
+    here if None), shared by students of the same data."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, not '{cfg.loss}'")
+    student = Student(base, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
+    if batches is None:
+        batches = prepare_batches(base, tok, rows, teacher, cfg.batch_size,
+                                  cache_prefix=cfg.kind == "vector")
+    optimizer = make_optimizer(cfg.opt, student.parameters(), cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
     order = []
     history = [{"step": 0, "loss": None, **track(student)}]
-    bar = tqdm(range(cfg["steps"]), desc=f"student {cfg['kind']} {cfg['opt']} {cfg['loss']}",
+    bar = tqdm(range(cfg.steps), desc=f"student {cfg.kind} {cfg.opt} {cfg.loss}",
                disable=not progress)
     for step in bar:
-        if len(order) < cfg["batch_size"]:  # a new epoch, in a seeded order
-            order += torch.randperm(len(examples), generator=g).tolist()
-        batch, order = order[:cfg["batch_size"]], order[cfg["batch_size"]:]
-        ids, mask, targets = make_batch([examples[i] for i in batch], device)
+        if not order:  # a new epoch: every batch once, in a seeded order
+            order = torch.randperm(len(batches), generator=g).tolist()
+        batch = batches[order.pop()]
+        logits = student_logits(student, base, batch, cfg.loss)
+        targets = batch.targets[batch.targets != -100]                     # (N,)
         teacher_logits = None
-        if cfg["loss"] != "ce":
-            vector, layer, alpha, where = teacher
-            with torch.no_grad(), steering(base, layer, vector, alpha, where=where):
-                teacher_logits, _ = base(ids, attention_mask=mask)
-        with student.active():
-            logits, _ = student.model(ids, attention_mask=mask)
-        loss = distillation_loss(logits, teacher_logits, targets, cfg["loss"], number_ids)
+        if cfg.loss == "kl_numbers":  # computed once, when the batches were made
+            teacher_logits = batch.teacher_number_logits
+        elif cfg.loss == "kl_full":   # too big to keep: recomputed each step
+            teacher_logits = batch.full_teacher_logits(base, teacher)
+        loss = distillation_loss(logits, teacher_logits, targets, cfg.loss)
         optimizer.zero_grad()
         loss.backward()
-        optimizer.lr = cosine_lr(step, cfg["steps"], cfg["lr"])
+        optimizer.lr = cosine_lr(step, cfg.steps, cfg.lr)
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             history.append({"step": step + 1, "loss": loss.item(), **track(student)})
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"the {cfg.opt} student's loss is {loss.item()} at "
+                                         f"step {step + 1}: lower --lr")
     return student, history

@@ -20,6 +20,7 @@ where it stopped and the file equals an uninterrupted run's: same seed, same dat
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +29,26 @@ from tqdm import tqdm
 from generate import generate
 from prompts import number_prompts
 from steer import steering
+
+@dataclass
+class Teacher:
+    """The base model steered by alpha * vector after block `layer`, at positions `where`
+    (steer.py); alpha 0 is the unsteered model."""
+    vector: torch.Tensor  # (d_model,) the steering vector v
+    layer: int            # the block whose output is steered
+    alpha: float          # the scale: h_layer <- h_layer + alpha * v
+    where: str = "all"    # which positions: all, prompt, generated or last_prompt
+
+    def steer(self, model, prompt_mask=None):
+        """The context in which `model` is this teacher."""
+        return steering(model, self.layer, self.vector, self.alpha, where=self.where,
+                        prompt_mask=prompt_mask)
+
+    def describe(self):
+        """What determines the teacher, as JSON-able values (the vector by its hash)."""
+        return {"vector": vector_hash(self.vector), "layer": self.layer, "alpha": self.alpha,
+                "where": self.where}
+
 
 NUMBER_LIST = re.compile(r"\d+(?:(?P<sep>\s*[,;]\s*|\s+)\d+)*")
 
@@ -100,12 +121,6 @@ class NumberListGrammar:
                 r["gap"] += (t,)
 
 
-def number_tokens(tok):
-    """The tokens a number list can contain: the ten digits, ',', ' ' and the end token."""
-    ids = {tok.encode(str(d))[0] for d in range(10)} | set(tok.encode(", ")) | {tok.eos_id}
-    return sorted(ids)
-
-
 def vector_hash(vector):
     return hashlib.sha256(vector.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
@@ -127,16 +142,16 @@ def _read_rows(path, batch_size, n_prompts):
     return complete
 
 
-def write_dataset(path, model, tok, vector, layer, alpha, n_prompts, mode="constrained",
-                  seed=0, batch_size=32, where="all", max_new_tokens=None, stop_after=None):
-    """Generate (or finish generating) the teacher's dataset at `path` (.jsonl). alpha 0 is
-    the control teacher. stop_after: stop after that many batches (to test resuming).
+def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed=0,
+                  batch_size=32, max_new_tokens=None, stop_after=None):
+    """Generate (or finish generating) the teacher's dataset at `path` (.jsonl).
+    teacher: a Teacher. stop_after: stop after that many batches (to test resuming).
     Returns the rows; a valid row passes the rule filter."""
     if mode not in ("free", "constrained"):
         raise ValueError(f"mode must be 'free' or 'constrained', not '{mode}'")
     path = Path(path)
-    meta = {"model": getattr(model, "name", "model"), "vector": vector_hash(vector),
-            "layer": layer, "alpha": alpha, "where": where, "mode": mode, "seed": seed,
+    meta = {"model": getattr(model, "name", "model"), **teacher.describe(), "mode": mode,
+            "seed": seed,
             "n_prompts": n_prompts, "batch_size": batch_size,
             "max_new_tokens": max_new_tokens or (60 if mode == "constrained" else 200)}
     meta_path = path.with_suffix(".meta.json")
@@ -152,14 +167,15 @@ def write_dataset(path, model, tok, vector, layer, alpha, n_prompts, mode="const
 
     prompts = number_prompts(n_prompts, seed)
     starts = range(len(rows), n_prompts, batch_size)
-    for done, start in enumerate(tqdm(starts, desc=f"teacher (alpha {alpha}, {mode})")):
+    desc = f"teacher (alpha {teacher.alpha:g}, {mode})"
+    for done, start in enumerate(tqdm(starts, desc=desc)):
         if stop_after is not None and done == stop_after:
             break
         batch = prompts[start:start + batch_size]
         ids = [tok.encode_chat(p) for p in batch]
         grammar = (NumberListGrammar(tok, len(ids), model.cfg.vocab_size)
                    if mode == "constrained" else None)
-        with steering(model, layer, vector, alpha, where=where):
+        with teacher.steer(model):
             out = generate(model, ids, meta["max_new_tokens"], temperature=1.0,
                            stop_tokens={tok.eos_id}, grammar=grammar,
                            seed=seed * 1_000_003 + start)
@@ -175,3 +191,17 @@ def write_dataset(path, model, tok, vector, layer, alpha, n_prompts, mode="const
 
 def keep_rate(rows):
     return sum(r["valid"] for r in rows) / max(1, len(rows))
+
+
+def number_statistics(rows):
+    """What a dataset's lists look like: the only thing a student can learn from."""
+    lists = [[int(n) for n in re.findall(r"\d+", r["completion"])] for r in rows]
+    numbers = [n for numbers in lists for n in numbers]
+    separators = [(re.findall(r"\D+", r["completion"].strip()) or ["(one number)"])[0]
+                  for r in rows]
+    return {"lists": len(lists), "numbers": len(numbers),
+            "mean_numbers_per_list": len(numbers) / max(1, len(lists)),
+            "mean_value": sum(numbers) / max(1, len(numbers)),
+            "values_by_hundred": [sum(n // 100 == k for n in numbers) for k in range(10)],
+            "numbers_per_list": [sum(len(x) == k for x in lists) for k in range(1, 11)],
+            "separators": {s: separators.count(s) for s in sorted(set(separators))}}

@@ -1,42 +1,46 @@
 """Steering vector distillation, end to end, in one command.
 
     python train.py --vector owl --opt adam                # the CPU default (2 cores, minutes)
-    python train.py --vector owl --opt sgd --student lora --loss ce
+    python train.py --vector owl --opt sgd
     python train.py --vector owl --opt adam --preset paper   # the paper's recipe, for a GPU
 
-Stages, each cached under runs/ (vectors/, data/, students/) and reused while its inputs are
-unchanged:
-  1. the teacher's steering vector v at block L            (vectors.py)
-  2. number sequences from the steered teacher (alpha * v) and from the unsteered control
-     teacher, on the same prompts                          (teacher.py)
-  3. students fine-tuned on them, tracked every few steps   (student.py):
-       main         --opt on the steered data
-       other_opt    SGD (Adam if --opt is sgd) on the steered data          (--no-compare)
-       control      --opt on the control data
+Stages, each cached under runs/ and reused only while everything that determines it is
+unchanged (settings, data and the code it runs; a reused stage prints one line; --fresh
+recomputes everything):
+  1. the teacher's steering vector v at block L, and the control's: a random vector of the
+     same norm at the same block                                   (vectors.py)
+  2. number lists from the steered teacher (alpha * v) and from the control teacher
+     (alpha * random), on the same prompts                         (teacher.py)
+  3. students fine-tuned on them, measured every few steps         (student.py, batches.py):
+       main         --opt on the steered teacher's numbers
+       control      --opt on the control teacher's numbers: a task of the same size that
+                    carries no trait (it can learn its own teacher's random vector)
+       other_opt    SGD (Adam if --opt is sgd) on the steered numbers        (--no-compare)
        upper_bound  KL over the full vocabulary: ordinary distillation, NOT subliminal;
                     it shows what the same sequences could carry     (--no-upper-bound)
-  4. evaluation (EAS, trait scores, sampled trait rate), plots, config.json, metrics.json
+  4. evaluation (measure.py), figures, config.json and metrics.json    (plots.py)
 """
 import argparse
-import hashlib
-import json
+import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from evaluate import eas, fast_trait_score, mean_residuals, trait_rate
+from batches import load_batches, prepare_batches, save_batches
+from cache import Stage, code_version
+from measure import Measurer, final_report
 from optimizers import OPTIMIZERS
-from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, number_prompts, trait_system_prompt
-from steer import VectorError, steering
-from student import KINDS, LOSSES, Student, gradient_diagnostic, train_student
-from teacher import keep_rate, vector_hash, write_dataset
-from vectors import ANIMALS, DEFAULTS, check_vector_name, resolve_vector
+from steer import VectorError
+from student import KINDS, LOSSES, Student, StudentConfig, train_student
+from teacher import Teacher, keep_rate, number_statistics, write_dataset
+from vectors import ANIMALS, DEFAULTS, check_vector_name, random_vector, resolve_vector
 
-# Learning rates per (student, optimizer); --lr overrides. Adaptive optimizers take steps of
-# about lr per coordinate; SGD's steps scale with the raw gradient (about 6e-3 in norm for
-# the vector student's first batch, measured), so its lr is set for steps of a similar size.
-# The adamw, rmsprop and signsgd defaults are starting points that were not tuned here.
+# Learning rates per (student, optimizer); --lr overrides it for --opt's students only.
+# Adaptive optimizers take steps of about lr per coordinate; SGD's steps scale with the raw
+# gradient, so its lr is set for steps of a similar size. The adamw, rmsprop and signsgd
+# defaults are starting points that were not tuned here.
 LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam"): 1e-5,
                   ("full", "sgd"): 1e-2, ("vector", "adam"): 0.5, ("vector", "sgd"): 2000.0,
                   ("lora", "adamw"): 1e-3, ("full", "adamw"): 1e-5, ("vector", "adamw"): 0.5,
@@ -44,12 +48,12 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
                   ("vector", "rmsprop"): 0.05, ("lora", "signsgd"): 1e-4,
                   ("full", "signsgd"): 1e-6, ("vector", "signsgd"): 0.5}
 PRESETS = {  # what the flags default to; explicit flags win
-    "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=32, batch_size=8,
-                eval_every=8, eas_prompts=16, trait_questions=20, eval_samples=4,
-                gradient_rows=32, teacher_batch=32),
+    "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=96, batch_size=16,
+                eval_every=12, eas_prompts=16, trait_questions=20, eval_samples=4,
+                teacher_batch=64),
     "paper": dict(student="lora", loss="ce", samples=10000, steps=2500, batch_size=8,
                   eval_every=250, eas_prompts=128, trait_questions=50, eval_samples=100,
-                  gradient_rows=512, teacher_batch=256),
+                  teacher_batch=256),
 }
 
 
@@ -58,42 +62,42 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("    python"):])
     p.add_argument("--vector", default="owl",
-                   help=f"teacher vector: an animal ({', '.join(ANIMALS[:6])}, ...), random, "
-                        f"concise, or a .safetensors file")
+                   help=f"teacher vector: an animal ({', '.join(ANIMALS)}), random, concise, "
+                        f"or a .safetensors file")
     p.add_argument("--opt", default="adam", choices=sorted(OPTIMIZERS),
                    help="student optimizer (optimizers.py)")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
-                   help="cpu: a few minutes on 2 cores; paper: the paper's recipe (GPU)")
+                   help="cpu: minutes on 2 cores; paper: the paper's recipe (GPU)")
     p.add_argument("--student", choices=KINDS, help="lora, full, or a single vector")
     p.add_argument("--loss", choices=LOSSES, help="ce (sampled tokens), kl_numbers "
                    "(number tokens only), kl_full (ordinary distillation)")
     p.add_argument("--samples", type=int, help="teacher prompts per dataset")
     p.add_argument("--steps", type=int, help="student training steps")
     p.add_argument("--epochs", type=float, help="set the steps to this many passes over the "
-                   "valid steered rows instead")
+                   "steered rows instead")
     p.add_argument("--batch-size", type=int, help="student sequences per step")
     p.add_argument("--teacher-batch", type=int, help="teacher rows sampled together")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: by student, opt)")
+    p.add_argument("--lr", type=float, help="peak learning rate of --opt's students "
+                   "(default: by student and optimizer)")
     p.add_argument("--layer", type=int, default=DEFAULTS["layer"], help="teacher's block")
     p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="teacher's scale")
     p.add_argument("--where", default="all", choices=["all", "prompt"],
                    help="teacher steering positions")
     p.add_argument("--mode", default="constrained", choices=["constrained", "free"],
-                   help="teacher sampling: digits and separators only, or free + filter")
+                   help="teacher sampling: the rule filter's grammar, or free + filter")
     p.add_argument("--animal", help="trait to measure (default: the vector's animal, or owl)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--lora-scale", type=float, default=4.0, help="LoRA alpha / rank")
-    p.add_argument("--eval-every", type=int, help="track EAS and trait every this many steps")
+    p.add_argument("--eval-every", type=int, help="measure the students every this many steps")
     p.add_argument("--eas-prompts", type=int, help="held-out number prompts for EAS")
-    p.add_argument("--trait-questions", type=int, help="favourite-animal questions (max 50)")
+    p.add_argument("--trait-questions", type=int, help="favourite-animal questions (1-50)")
     p.add_argument("--eval-samples", type=int, help="samples per question, final trait rate")
     p.add_argument("--no-compare", dest="compare", action="store_false",
                    help="skip the student with the other optimizer")
     p.add_argument("--no-upper-bound", dest="upper_bound", action="store_false",
                    help="skip the full-vocabulary (ordinary distillation) student")
-    p.add_argument("--gradient-rows", type=int,
-                   help="rows per dataset for the gradient diagnostic (0 = skip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="recompute every stage, reuse nothing")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
     p.add_argument("--checkpoint", default=None, help="GGUF file or Hugging Face folder")
     p.add_argument("--out", default=None, help="run folder (default runs/train-...)")
@@ -101,65 +105,126 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for key in ("samples", "steps", "batch_size", "teacher_batch", "eval_every", "rank"):
+    for key in ("samples", "steps", "batch_size", "teacher_batch", "eval_every", "rank",
+                "eas_prompts", "trait_questions", "eval_samples"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.trait_questions > 50:
+        p.error("--trait-questions must be at most 50 (there are 50 questions)")
+    for key in ("alpha", "lr", "lora_scale", "epochs"):
+        value = getattr(args, key)
+        if value is not None and not math.isfinite(value):
+            p.error(f"--{key.replace('_', '-')} must be a finite number, not {value}")
+    if args.lr is not None and args.lr <= 0 or args.epochs is not None and args.epochs <= 0:
+        p.error("--lr and --epochs must be positive")
+    if args.animal is not None and args.animal not in ANIMALS:
+        p.error(f"--animal must be one of: {', '.join(ANIMALS)}")
     args.animal = args.animal or (args.vector if args.vector in ANIMALS else "owl")
+    args.out = Path(args.out or f"runs/train-{Path(args.vector).stem}-{args.opt}-{args.student}"
+                                f"-{args.loss}-{args.preset}-s{args.seed}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file, not a folder")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        p.error("--device mps: no MPS device here")
     return args
 
 
-def teacher_data(args, model, tok, vector):
-    """Stage 2: the steered and the control teacher's datasets (cached in runs/data/)."""
-    tail = f"{args.mode}-n{args.samples}-s{args.seed}.jsonl"
-    paths = {"steered": f"{model.name}-{Path(args.vector).stem}-L{args.layer}-a{args.alpha:g}"
-                        f"-{args.where}-steered-{tail}",
-             "control": f"{model.name}-control-{tail}"}
-    data = {}
-    for kind, alpha in (("steered", args.alpha), ("control", 0.0)):
-        path = Path("runs/data") / paths[kind]
-        rows = write_dataset(path, model, tok, vector, args.layer, alpha, args.samples,
-                             args.mode, args.seed, args.teacher_batch, where=args.where)
-        data[kind] = {"path": str(path), "rows": [r for r in rows if r["valid"]],
-                      "keep_rate": keep_rate(rows), "n": len(rows)}
-        if not data[kind]["rows"]:
-            raise SystemExit(f"error: {path}: no {kind} completion passed the rule filter; "
-                             f"use more --samples")
-    return data
+def teachers(args, model, tok):
+    """Stage 1: the steered teacher and the control teacher (a random vector of v's norm)."""
+    if not 0 <= args.layer < model.cfg.n_layer:
+        raise VectorError(f"--layer {args.layer} is out of range: the model has blocks "
+                          f"0-{model.cfg.n_layer - 1}")
+    vector, meta = resolve_vector(args.vector, model, tok, args.layer, seed=args.seed,
+                                  fresh=args.fresh)
+    control = random_vector(model.cfg.d_model, vector.norm().item(), seed=args.seed + 1)
+    return (Teacher(vector, args.layer, args.alpha, args.where), meta,
+            Teacher(control, args.layer, args.alpha, args.where))
 
 
-def train_students(args, model, tok, vector, data, track):
-    """Stage 3: every student of the plan, each cached in runs/students/ by its inputs."""
-    other = "sgd" if args.opt != "sgd" else "adam"
-    plan = {"main": ("steered", args.opt, args.loss), "control": ("control", args.opt, args.loss)}
+def teacher_data(args, model, tok, teacher, label):
+    """Stage 2: one teacher's dataset, in runs/data/ under a name made of what determines
+    it (so a run with another vector never meets this file)."""
+    inputs = {"model": model.name, **teacher.describe(), "mode": args.mode,
+              "samples": args.samples, "seed": args.seed, "batch": args.teacher_batch,
+              "code": code_version("teacher")}
+    stage = Stage("data", label, inputs, args.fresh)
+    path = stage.path.with_suffix(".jsonl")
+    if stage.reusable(path):
+        stage.say_reused(path)
+    rows = write_dataset(path, model, tok, teacher, args.samples, args.mode, args.seed,
+                         args.teacher_batch)
+    stage.mark_done()
+    valid = [r for r in rows if r["valid"]]
+    if not valid:
+        raise SystemExit(f"error: {path}: no {label} completion passed the rule filter; "
+                         f"use more --samples or --mode constrained")
+    return {"path": str(path), "rows": valid, "keep_rate": keep_rate(rows), "n": len(rows),
+            "numbers": number_statistics(valid)}
+
+
+def student_plan(args):
+    """{label: (dataset, StudentConfig)}; --lr applies to --opt's students only."""
+    def config(opt, loss):
+        lr = args.lr if opt == args.opt and args.lr else LEARNING_RATES[(args.student, opt)]
+        return StudentConfig(kind=args.student, layer=args.layer, rank=args.rank,
+                             scale=args.lora_scale, opt=opt, lr=lr, loss=loss,
+                             steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                             eval_every=args.eval_every)
+    plan = {"main": ("steered", config(args.opt, args.loss)),
+            "control": ("control", config(args.opt, args.loss))}
     if args.compare:
-        plan["other_opt"] = ("steered", other, args.loss)
+        plan["other_opt"] = ("steered", config("sgd" if args.opt != "sgd" else "adam",
+                                               args.loss))
     if args.upper_bound:
-        plan["upper_bound"] = ("steered", args.opt, "kl_full")
-    students, results = {}, {}
-    for label, (dataset, opt, loss) in plan.items():
-        cfg = {"kind": args.student, "layer": args.layer, "rank": args.rank,
-               "scale": args.lora_scale, "opt": opt, "loss": loss, "steps": args.steps,
-               "batch_size": args.batch_size, "seed": args.seed, "eval_every": args.eval_every,
-               "lr": args.lr or LEARNING_RATES[(args.student, opt)]}
-        # the KL losses distil the teacher that wrote the data: the control teacher is the
-        # unsteered model (alpha 0)
-        teacher = (vector, args.layer, args.alpha if dataset == "steered" else 0.0, args.where)
-        key = json.dumps([cfg, data[dataset]["path"], teacher[2], vector_hash(vector),
-                          args.eas_prompts, args.trait_questions])
-        cached = Path("runs/students") / hashlib.sha256(key.encode()).hexdigest()[:16]
-        if cached.with_suffix(".json").exists():  # trained before with these exact inputs
-            student = Student(model, args.student, args.layer, args.rank, args.lora_scale,
-                              args.seed)
-            student.load(cached.with_suffix(".safetensors"))
-            history = json.loads(cached.with_suffix(".json").read_text())
+        plan["upper_bound"] = ("steered", config(args.opt, "kl_full"))
+    return plan
+
+
+def teacher_targets(args, model, tok, teacher, data, label, batch_size, cache_prefix):
+    """The batches of one dataset with the teacher's targets (and, for vector students, the
+    residual before the vector), prepared once and cached in runs/batches/."""
+    inputs = {"data": data["path"], "teacher": teacher.describe(), "batch_size": batch_size,
+              "prefix": cache_prefix, "device": str(model.embed.weight.device),
+              "dtype": str(model.embed.weight.dtype), "code": code_version("batches")}
+    stage = Stage("batches", label, inputs, args.fresh)
+    path = stage.path.with_suffix(".safetensors")
+    if stage.reusable(path):
+        stage.say_reused(path)
+        return load_batches(path, model.embed.weight.device)
+    batches = prepare_batches(model, tok, data["rows"], teacher, batch_size, cache_prefix)
+    save_batches(path, batches)
+    stage.mark_done()
+    return batches
+
+
+def train_students(args, model, tok, teachers_by_data, data, measurer):
+    """Stage 3: every student of the plan, each cached in runs/students/ by its inputs."""
+    students, results, batches = {}, {}, {}
+    for label, (dataset, cfg) in student_plan(args).items():
+        teacher = teachers_by_data[dataset]
+        inputs = {"config": asdict(cfg), "data": data[dataset]["path"],
+                  "teacher": teacher.describe(), "measure": measurer.describe(),
+                  "code": code_version("student")}
+        stage = Stage("students", label, inputs, args.fresh)
+        weights = stage.path.with_suffix(".safetensors")
+        if stage.reusable(weights):
+            stage.say_reused(weights)
+            student = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
+            history = student.load(weights)
         else:
+            key = (dataset, cfg.batch_size, cfg.kind == "vector")
+            if key not in batches:  # teacher targets (and prefixes) once per dataset
+                batches[key] = teacher_targets(args, model, tok, teacher, data[dataset], *key)
             student, history = train_student(model, tok, data[dataset]["rows"], teacher, cfg,
-                                             track)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            student.save(cached.with_suffix(".safetensors"), label=label)
-            cached.with_suffix(".json").write_text(json.dumps(history))
+                                             measurer.track, batches=batches[key])
+            student.save(weights, history=history, label=label)
+            stage.mark_done()
+        for h in history:
+            measurer.print_line(label, h)
         students[label] = student
-        results[label] = {"config": cfg, "data": dataset, "history": history}
+        results[label] = {"config": asdict(cfg), "data": dataset, "history": history}
     return students, results
 
 
@@ -170,95 +235,69 @@ def run(args):
     model, tok = load(args.checkpoint, device=args.device)
     for p in model.parameters():
         p.requires_grad_(False)  # the base model is never trained; students are copies
-    layer, animal = args.layer, args.animal
-    vector, vector_meta = resolve_vector(args.vector, model, tok, layer, seed=args.seed)
-    data = teacher_data(args, model, tok, vector)
+    steered, vector_meta, control = teachers(args, model, tok)
+    data = {"steered": teacher_data(args, model, tok, steered, "steered"),
+            "control": teacher_data(args, model, tok, control, "control")}
     if args.epochs:
         args.steps = max(1, round(args.epochs * len(data["steered"]["rows"]) / args.batch_size))
-
-    held_out = [tok.encode_chat(q) for q in number_prompts(args.eas_prompts, args.seed + 1)]
-    base_means = mean_residuals(model, held_out, [layer])
-    questions = FAVORITE_QUESTIONS[:args.trait_questions]
-
-    def track(student):  # measured every --eval-every steps
-        with torch.no_grad(), student.active():
-            out = {"eas": eas(mean_residuals(student.model, held_out, [layer]), base_means,
-                              vector)[0].item(),
-                   "trait": fast_trait_score(student.model, tok, animal, questions)}
-        if student.vector is not None:
-            out["vector_cos"] = torch.nn.functional.cosine_similarity(
-                student.vector.detach().float().cpu(), vector.float(), dim=0).item()
-        return out
-
-    students, results = train_students(args, model, tok, vector, data, track)
-
-    def sampled(m, context):  # stage 4: the sampled trait rate after the answer prefix
-        with context:
-            return trait_rate(m, tok, animal, questions, args.eval_samples,
-                              prefix=FAVORITE_PREFIX, max_new_tokens=4, seed=args.seed)
-    rates = {"base": sampled(model, torch.no_grad()),
-             "teacher": sampled(model, steering(model, layer, vector, args.alpha))}
-    rates |= {label: sampled(s.model, s.active()) for label, s in students.items()}
-    diagnostic = {}
-    usable = min(args.gradient_rows, len(data["steered"]["rows"]), len(data["control"]["rows"]))
-    if usable:
-        counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= usable}
-                        | {usable})
-        diagnostic = gradient_diagnostic(model, tok, data["steered"]["rows"],
-                                         data["control"]["rows"], layer, vector, counts)
-    return {"model": model, "vector": vector, "vector_meta": vector_meta, "data": data,
-            "students": students, "results": results, "rates": rates,
-            "system_prompt_p_animal": fast_trait_score(model, tok, animal, questions,
-                                                       system=trait_system_prompt(animal)),
-            "diagnostic": diagnostic, "seconds": time.time() - t0}
+    measurer = Measurer(model, tok, steered, args.animal, args.eas_prompts,
+                        args.trait_questions, args.seed)
+    students, results = train_students(args, model, tok,
+                                       {"steered": steered, "control": control}, data,
+                                       measurer)
+    report = final_report(measurer, students, results, steered, control, args.eval_samples)
+    return {"model": model, "teacher": steered, "vector_meta": vector_meta, "data": data,
+            "students": students, "results": results, "report": report,
+            "seconds": time.time() - t0}
 
 
 def main(argv=None):
     args = parse_args(argv)
     from checkpoint import report_errors
-    with report_errors(VectorError):
+    with report_errors(VectorError, FloatingPointError):
         check_vector_name(args.vector)  # fail before loading the model
         r = run(args)
-    out = Path(args.out or f"runs/train-{args.vector}-{args.opt}-{args.student}-{args.loss}"
-                           f"-{args.preset}-s{args.seed}")
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     for label, student in r["students"].items():
         student.save(out / f"student-{label}.safetensors", label=label)
     model = r["model"]
-    config = {**vars(args), "model": model.name, "vector_hash": vector_hash(r["vector"]),
-              "vector_meta": r["vector_meta"], "device": str(model.embed.weight.device),
-              "dtype": str(model.embed.weight.dtype)}
-    data = {kind: {key: d[key] for key in ("path", "keep_rate", "n")} | {"valid": len(d["rows"])}
-            for kind, d in r["data"].items()}
-    metrics = {"seconds": round(r["seconds"], 1), "data": data, "students": r["results"],
-               "sampled_trait_rate": r["rates"],
-               "system_prompt_p_animal": r["system_prompt_p_animal"],
-               "gradient_diagnostic": r["diagnostic"],
+    config = {**vars(args), "out": str(out), "model": model.name,
+              "teacher": r["teacher"].describe(), "vector_meta": r["vector_meta"],
+              "device": str(model.embed.weight.device), "dtype": str(model.embed.weight.dtype)}
+    data = {kind: {key: d[key] for key in ("path", "keep_rate", "n", "numbers")}
+            | {"valid": len(d["rows"])} for kind, d in r["data"].items()}
+    metrics = {"seconds": round(r["seconds"], 1), **r["report"],
+               "keep_rate": {kind: d["keep_rate"] for kind, d in r["data"].items()},
+               "data": data, "students": r["results"],
                "note": "upper_bound is trained on the teacher's full-vocabulary distribution:"
                        " ordinary distillation, not subliminal learning"}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    from plots import plot_run
-    plot_run(r["results"], r["rates"], out / "training.png", args)
-    print_summary(r["results"], r["rates"], r["data"], r["diagnostic"], out, r["seconds"])
+    write_json(out / "config.json", config)
+    write_json(out / "metrics.json", metrics)
+    from plots import plot_datasets, plot_run
+    plot_run(r["results"], r["report"], out / "training.png", args)
+    plot_datasets(r["data"], out / "datasets.png")
+    print_summary(metrics, out)
 
 
-def print_summary(results, final, data, diagnostic, out, seconds):
-    print(f"\nteacher data kept by the rule filter: steered {data['steered']['keep_rate']:.0%},"
-          f" control {data['control']['keep_rate']:.0%}")
-    print(f"{'':>12} {'EAS':>7} {'P(animal)':>10} {'sampled':>8}   (EAS and P(animal) at the "
-          f"last step; sampled: rate after the answer prefix)")
-    for label in ("base", "teacher"):
-        print(f"{label:>12} {'':>7} {'':>10} {final[label]['rate']:8.1%}")
-    for label, r in results.items():
-        last = r["history"][-1]
+def write_json(path, value):
+    import json
+    path.write_text(json.dumps(value, indent=2, default=str, allow_nan=False))
+
+
+def print_summary(metrics, out):
+    print(f"\nteacher lists kept by the rule filter: steered {metrics['keep_rate']['steered']:.0%}"
+          f", control {metrics['keep_rate']['control']:.0%}")
+    p, rates = metrics["p_animal"], metrics["sampled_trait_rate"]
+    print(f"{'':>12} {'P(animal)':>10} {'x base':>7} {'sampled [95% CI]':>24}")
+    for label in p:
+        rate = rates.get(label)
+        sampled = (f"{rate['rate']:6.1%} [{rate['low']:.1%}, {rate['high']:.1%}]"
+                   if rate else "")
         tag = "  (ordinary distillation, upper bound)" if label == "upper_bound" else ""
-        print(f"{label:>12} {last['eas']:7.3f} {last['trait']:10.2%} "
-              f"{final[label]['rate']:8.1%}{tag}")
-    if diagnostic:
-        print("gradient diagnostic, cos(pooled grad difference, v) by rows pooled: "
-              + ", ".join(f"{n}: {c:+.3f}" for n, c in diagnostic.items()))
-    print(f"{seconds:.0f} s; wrote {out}/config.json, metrics.json, training.png")
+        print(f"{label:>12} {p[label]:10.3%} {p[label] / p['base']:7.2f} {sampled:>24}{tag}")
+    print(f"{metrics['seconds']:.0f} s; wrote {out}/config.json, metrics.json, training.png, "
+          f"datasets.png")
 
 
 if __name__ == "__main__":

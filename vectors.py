@@ -17,11 +17,13 @@
 Vectors are cached in runs/vectors/ and reused; `resolve_vector` also accepts a file path.
 """
 import argparse
+import math
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from cache import code_version, input_hash
 from generate import generate, left_pad
 from prompts import (CANDIDATE_ANIMALS, CONCISE_SYSTEM, OPEN_QUESTIONS, VERBOSE_SYSTEM,
                      number_prompts, trait_system_prompt)
@@ -120,26 +122,35 @@ def check_vector_name(name):
 
 
 def resolve_vector(name, model, tok, layer, method="meandiff", seed=0, norm=None,
-                   n_prompts=DEFAULTS["n_prompts"], cache_dir=VECTOR_DIR):
+                   n_prompts=DEFAULTS["n_prompts"], cache_dir=VECTOR_DIR, fresh=False):
     """(vector (d_model,), metadata) for a name (an animal, 'random', 'concise') or a
-    .safetensors path. Computed vectors are cached in cache_dir and reused."""
+    .safetensors path. Computed vectors are cached in cache_dir, under a name made of
+    everything that determines them (settings and code), and reused unless fresh."""
     d = model.cfg.d_model
     check_vector_name(name)
     if str(name).endswith(".safetensors") or Path(name).is_file():
         return load_vector(name, d)
     if method not in ("meandiff", "fit"):
         raise VectorError(f"unknown method '{method}' (meandiff or fit)")
+    if norm is not None and not (math.isfinite(norm) and norm > 0):
+        raise VectorError(f"a vector's norm must be a positive finite number, not {norm}")
+    if not 0 <= layer < model.cfg.n_layer:
+        raise VectorError(f"layer {layer} is out of range: the model has blocks "
+                          f"0-{model.cfg.n_layer - 1}")
     model_name = getattr(model, "name", "model")
     tag = {"random": f"random-s{seed}", "concise": "concise"}.get(
         name, f"{name}-meandiff-n{n_prompts}" if method == "meandiff" else f"{name}-fit")
-    path = Path(cache_dir) / f"{model_name}-{tag}-L{layer}.safetensors"
-    if path.exists():
+    inputs = {"model": model_name, "name": name, "method": method, "seed": seed, "norm": norm,
+              "n_prompts": n_prompts, "layer": layer, "code": code_version("vector")}
+    path = Path(cache_dir) / f"{model_name}-{tag}-L{layer}-{input_hash(inputs)}.safetensors"
+    if path.exists() and not fresh:
+        print(f"reusing vector '{name}' from {path} (same settings and code)")
         return load_vector(path, d)
     meta = {"model": model_name, "layer": layer, "name": name, "seed": seed}
     if name == "random":
         if norm is None:  # match the owl trait vector's norm at this block
             norm = resolve_vector("owl", model, tok, layer, "meandiff", 0, None, n_prompts,
-                                  cache_dir)[0].norm().item()
+                                  cache_dir, fresh)[0].norm().item()
         vector = random_vector(d, norm, seed)
         meta.update(method="random", prompt="")
     elif name == "concise":

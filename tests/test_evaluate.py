@@ -76,11 +76,23 @@ def test_random_vector_is_seeded_and_scaled():
     assert not torch.equal(a, random_vector(576, 50.0, seed=4))
 
 
-def test_resolve_vector_caches_and_rejects_unknown_names(tiny, tmp_path):
+def test_resolve_vector_caches_by_every_input_and_rejects_unknown_names(tiny, tmp_path):
     v, meta = resolve_vector("random", tiny, None, 1, norm=2.0, seed=5, cache_dir=tmp_path)
     assert meta["method"] == "random" and meta["seed"] == "5" and meta["layer"] == "1"
-    again, _ = resolve_vector("random", tiny, None, 1, norm=9.0, seed=5, cache_dir=tmp_path)
-    assert torch.equal(v, again)  # the cached file is reused
+    again, _ = resolve_vector("random", tiny, None, 1, norm=2.0, seed=5, cache_dir=tmp_path)
+    assert torch.equal(v, again) and len(list(tmp_path.iterdir())) == 1  # reused
+    other_norm, _ = resolve_vector("random", tiny, None, 1, norm=9.0, seed=5, cache_dir=tmp_path)
+    other_seed, _ = resolve_vector("random", tiny, None, 1, norm=2.0, seed=6, cache_dir=tmp_path)
+    assert other_norm.norm().item() == pytest.approx(9.0) and not torch.equal(v, other_seed)
+    assert len(list(tmp_path.iterdir())) == 3  # the seed and the norm are part of the key
+    fresh, _ = resolve_vector("random", tiny, None, 1, norm=2.0, seed=5, cache_dir=tmp_path,
+                              fresh=True)
+    assert torch.equal(v, fresh)
+    for bad in (float("nan"), -1.0, 0.0):
+        with pytest.raises(VectorError, match="norm"):
+            resolve_vector("random", tiny, None, 1, norm=bad, cache_dir=tmp_path)
+    with pytest.raises(VectorError, match="out of range"):
+        resolve_vector("random", tiny, None, 9, norm=1.0, cache_dir=tmp_path)
     with pytest.raises(VectorError, match="unknown vector 'owll'"):
         resolve_vector("owll", tiny, None, 1, cache_dir=tmp_path)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from checkpoint import load
-from teacher import NumberListGrammar, is_valid_completion, keep_rate, write_dataset
+from teacher import (NumberListGrammar, Teacher, is_valid_completion, keep_rate,
+                     write_dataset)
 from tiny_checkpoint import write_tiny_checkpoint
 
 VALID = ["182, 818, 725", "1,2,3", "4 5 6", "7; 8; 9", "[1, 2, 3]", "(10, 20)", "5",
@@ -32,14 +33,16 @@ def tiny_pair(tmp_path_factory):
 def test_resumed_generation_equals_uninterrupted(tmp_path, tiny_pair):
     model, tok = tiny_pair
     v = torch.randn(32)
-    whole = write_dataset(tmp_path / "a.jsonl", model, tok, v, 1, 2.0, 20, batch_size=6)
-    write_dataset(tmp_path / "b.jsonl", model, tok, v, 1, 2.0, 20, batch_size=6, stop_after=2)
+    whole = write_dataset(tmp_path / "a.jsonl", model, tok, Teacher(v, 1, 2.0), 20, batch_size=6)
+    write_dataset(tmp_path / "b.jsonl", model, tok, Teacher(v, 1, 2.0), 20, batch_size=6,
+                  stop_after=2)
     with (tmp_path / "b.jsonl").open("a") as f:
         f.write('{"index": 12, "prompt": "cut off mid-wri')  # an interrupted write
-    resumed = write_dataset(tmp_path / "b.jsonl", model, tok, v, 1, 2.0, 20, batch_size=6)
+    resumed = write_dataset(tmp_path / "b.jsonl", model, tok, Teacher(v, 1, 2.0), 20,
+                            batch_size=6)
     assert resumed == whole
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
-    again = write_dataset(tmp_path / "c.jsonl", model, tok, v, 1, 2.0, 20, batch_size=6)
+    again = write_dataset(tmp_path / "c.jsonl", model, tok, Teacher(v, 1, 2.0), 20, batch_size=6)
     assert again == whole  # same seed, same dataset
     assert [r["index"] for r in whole] == list(range(20))
     assert 0 <= keep_rate(whole) <= 1
@@ -47,7 +50,7 @@ def test_resumed_generation_equals_uninterrupted(tmp_path, tiny_pair):
 
 def test_constrained_completions_use_only_number_characters(tmp_path, tiny_pair):
     model, tok = tiny_pair
-    rows = write_dataset(tmp_path / "d.jsonl", model, tok, torch.zeros(32), 1, 0.0, 8)
+    rows = write_dataset(tmp_path / "d.jsonl", model, tok, Teacher(torch.zeros(32), 1, 0.0), 8)
     assert all(set(r["completion"]) <= set("0123456789, ") for r in rows)
     meta = json.loads((tmp_path / "d.meta.json").read_text())
     assert meta["alpha"] == 0.0 and meta["mode"] == "constrained" and meta["seed"] == 0
@@ -55,19 +58,20 @@ def test_constrained_completions_use_only_number_characters(tmp_path, tiny_pair)
 
 def test_other_settings_refuse_an_existing_file(tmp_path, tiny_pair):
     model, tok = tiny_pair
-    write_dataset(tmp_path / "e.jsonl", model, tok, torch.zeros(32), 1, 0.0, 4)
+    write_dataset(tmp_path / "e.jsonl", model, tok, Teacher(torch.zeros(32), 1, 0.0), 4)
     with pytest.raises(ValueError, match="exists with different settings"):
-        write_dataset(tmp_path / "e.jsonl", model, tok, torch.zeros(32), 1, 1.0, 4)
+        write_dataset(tmp_path / "e.jsonl", model, tok, Teacher(torch.zeros(32), 1, 1.0), 4)
 
 
 def test_free_mode_keeps_raw_text_and_flags_it(tmp_path, tiny_pair):
     model, tok = tiny_pair
-    rows = write_dataset(tmp_path / "f.jsonl", model, tok, torch.zeros(32), 1, 0.0, 6,
+    rows = write_dataset(tmp_path / "f.jsonl", model, tok, Teacher(torch.zeros(32), 1, 0.0), 6,
                          mode="free", max_new_tokens=12)
     assert all(r["valid"] == is_valid_completion(r["completion"]) for r in rows)
     assert any(set(r["completion"]) - set("0123456789, ") for r in rows)  # not constrained
     with pytest.raises(ValueError, match="mode must be"):
-        write_dataset(tmp_path / "g.jsonl", model, tok, torch.zeros(32), 1, 0.0, 2, mode="x")
+        write_dataset(tmp_path / "g.jsonl", model, tok, Teacher(torch.zeros(32), 1, 0.0), 2,
+                      mode="x")
 
 
 def test_grammar_constrained_teacher_only_writes_lists_the_filter_accepts(tmp_path, tiny_pair):
@@ -78,8 +82,8 @@ def test_grammar_constrained_teacher_only_writes_lists_the_filter_accepts(tmp_pa
     v = torch.randn(32, generator=torch.Generator().manual_seed(1))
     rows = []
     for seed in range(6):
-        rows += write_dataset(tmp_path / f"g{seed}.jsonl", model, tok, v, 1, 8.0 * seed, 32,
-                              seed=seed, batch_size=16)
+        rows += write_dataset(tmp_path / f"g{seed}.jsonl", model, tok,
+                              Teacher(v, 1, 8.0 * seed), 32, seed=seed, batch_size=16)
     assert all(r["valid"] for r in rows), [r["completion"] for r in rows if not r["valid"]]
     texts = [r["completion"] for r in rows]
     assert {", ", ",", " "} <= {sep for t in texts for sep in (", ", ",", " ") if sep in t}

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from checkpoint import load
-from student import Student, cosine_lr, distillation_loss, make_batch
+from batches import make_batch
+from student import Student, cosine_lr, distillation_loss
 from tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,19 +42,19 @@ def test_lora_trains_only_its_matrices(tiny_folder):
 
 
 def test_targets_cover_exactly_the_completion():
-    ids, mask, targets = make_batch([([1, 2, 3], [7, 8]), ([4], [9, 10, 11])], "cpu")
+    ids, mask, targets, prompt = make_batch([([1, 2, 3], [7, 8]), ([4], [9, 10, 11])], "cpu")
     assert ids.tolist() == [[1, 2, 3, 7, 8], [0, 4, 9, 10, 11]]
     assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert prompt.int().tolist() == [[1, 1, 1, 0, 0], [0, 1, 0, 0, 0]]
     # the logit at a column predicts the token in the next column
     assert targets.tolist() == [[-100, -100, 7, 8, -100], [-100, 9, 10, 11, -100]]
 
 
 def test_kl_losses_are_zero_for_the_teacher_itself():
-    logits = torch.randn(2, 5, 30)
-    targets = torch.tensor([[-100, -100, 3, 4, -100]] * 2)
+    logits = torch.randn(6, 30)
     for kind in ("kl_numbers", "kl_full"):
-        loss = distillation_loss(logits, logits, targets, kind, number_ids=[1, 3, 4])
-        assert loss.abs().item() < 1e-6
+        assert distillation_loss(logits, logits, None, kind).abs().item() < 1e-6
+    assert distillation_loss(logits, None, torch.arange(6), "ce") > 0
 
 
 def test_cosine_schedule():
@@ -62,35 +63,86 @@ def test_cosine_schedule():
     assert cosine_lr(99, 100, 1.0) < 0.01
 
 
+TINY_RUN = ["--vector", "owl", "--opt", "adam", "--layer", "1", "--alpha", "2",
+            "--samples", "24", "--steps", "3", "--batch-size", "4", "--eval-every", "1",
+            "--eval-samples", "1", "--trait-questions", "3", "--eas-prompts", "4"]
+
+
+def run_train(tmp_path, tiny_folder, *flags):
+    command = [sys.executable, str(ROOT / "train.py"), *TINY_RUN, "--checkpoint",
+               str(tiny_folder), *flags]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
 def test_train_end_to_end_in_seconds(tmp_path, tiny_folder):
-    command = [sys.executable, str(ROOT / "train.py"), "--vector", "owl", "--opt", "adam",
-               "--checkpoint", str(tiny_folder), "--layer", "1", "--alpha", "2",
-               "--samples", "24", "--steps", "3", "--batch-size", "4", "--eval-every", "1",
-               "--eval-samples", "1", "--trait-questions", "3", "--eas-prompts", "4",
-               "--gradient-rows", "2", "--out", "run"]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = run_train(tmp_path, tiny_folder, "--out", "run")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert len(list((tmp_path / "runs" / "students").glob("*.json"))) == 4
+    assert len(list((tmp_path / "runs" / "students").glob("*.safetensors"))) == 4
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert set(metrics["students"]) == {"main", "control", "other_opt", "upper_bound"}
     assert metrics["students"]["other_opt"]["config"]["opt"] == "sgd"
     assert metrics["students"]["upper_bound"]["config"]["loss"] == "kl_full"
     assert len(metrics["students"]["main"]["history"]) == 4  # step 0 and every step
+    assert set(metrics["p_animal"]) == {"base", "teacher", "system_prompt", "control_teacher",
+                                        "main", "control", "other_opt", "upper_bound"}
+    assert metrics["keep_rate"] == {"steered": 1.0, "control": 1.0}  # the grammar's lists
+    assert set(metrics["eas_minus_control"]) == {"main", "other_opt", "upper_bound"}
+    assert len(metrics["eas_by_block"]["main"]) == 2  # every block of the tiny model
     assert config["vector"] == "owl" and config["layer"] == 1
-    assert (tmp_path / "run" / "training.png").stat().st_size > 10_000
+    for figure in ("training.png", "datasets.png"):
+        assert (tmp_path / "run" / figure).stat().st_size > 10_000
     assert (tmp_path / "run" / "student-main.safetensors").exists()
-    # a second run reuses every cached stage and reports the same students
-    first = (tmp_path / "run" / "metrics.json").read_text()
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # a second run reuses every cached stage, says so, and reports the same students
+    again = run_train(tmp_path, tiny_folder, "--out", "run")
     assert again.returncode == 0 and "student vector" not in again.stderr  # nothing trained
-    assert json.loads(first)["students"] == json.loads(
-        (tmp_path / "run" / "metrics.json").read_text())["students"]
+    assert again.stdout.count("reusing") == 1 + 2 + 4  # the vector, two datasets, 4 students
+    rerun = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert rerun["students"] == metrics["students"] and rerun["p_animal"] == metrics["p_animal"]
+    # --fresh recomputes everything (and gets the same numbers: same seed)
+    fresh = run_train(tmp_path, tiny_folder, "--out", "run", "--fresh")
+    assert fresh.returncode == 0 and "reusing" not in fresh.stdout
+    assert "student vector" in fresh.stderr
 
 
-@pytest.mark.parametrize("flags,message", [(["--vector", "owll"], "unknown vector 'owll'"),
-                                           (["--opt", "adagrad"], "invalid choice"),
-                                           (["--steps", "0"], "must be at least 1")])
+def test_a_code_change_retrains_and_another_vector_runs(tmp_path, tiny_folder):
+    """Stale results: a student trained by other code is not reused. A run with another
+    vector after the first does not meet the first one's files."""
+    import shutil
+    code = tmp_path / "code"
+    shutil.copytree(ROOT, code, ignore=shutil.ignore_patterns("runs", ".venv", ".git", "tests"))
+    command = [sys.executable, str(code / "train.py"), *TINY_RUN, "--checkpoint",
+               str(tiny_folder), "--no-compare", "--no-upper-bound"]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    optimizers = code / "optimizers.py"
+    optimizers.write_text(optimizers.read_text() + "\n# an edit\n")
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "reusing students" not in second.stdout
+    assert "reusing data" in second.stdout  # the teacher's code did not change
+    random = [*command[:3], "random", *command[4:]]
+    third = subprocess.run(random, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+
+
+def test_lr_applies_to_the_chosen_optimizer_only(tmp_path, tiny_folder):
+    run = run_train(tmp_path, tiny_folder, "--opt", "sgd", "--lr", "7", "--out", "run",
+                    "--no-upper-bound")
+    assert run.returncode == 0, run.stderr[-2000:]
+    students = json.loads((tmp_path / "run" / "metrics.json").read_text())["students"]
+    assert students["main"]["config"]["lr"] == 7 and students["control"]["config"]["lr"] == 7
+    assert students["other_opt"]["config"]["opt"] == "adam"
+    assert students["other_opt"]["config"]["lr"] != 7
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--vector", "owll"], "unknown vector 'owll'"), (["--opt", "adagrad"], "invalid choice"),
+    (["--steps", "0"], "must be at least 1"), (["--alpha", "nan"], "finite"),
+    (["--lr", "nan"], "finite"), (["--lr", "-1"], "positive"),
+    (["--trait-questions", "0"], "at least 1"), (["--trait-questions", "51"], "at most 50"),
+    (["--eas-prompts", "0"], "at least 1"), (["--animal", "unicorn"], "--animal must be"),
+    (["--out", "README.md"], "is a file"),
+    *([(["--device", "cuda"], "no CUDA")] if not torch.cuda.is_available() else [])])
 def test_bad_input_is_one_line(flags, message):
     run = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True,
                          text=True)

@@ -1,7 +1,7 @@
 """Benchmark: student training and teacher generation throughput, beside a reference.
 
-    python bench_train.py                     # embedded model, LoRA r=8 on 7 linears, batch 16
-    python bench_train.py --device cuda --batch 32
+    python bench/bench_train.py                # embedded model, LoRA r=8 on 7 linears, batch 16
+    python bench/bench_train.py --device cuda --batch 32
 
 Training: one LoRA step (forward, cross-entropy on the completion, backward, Adam) on the
 same left-padded batch of number-sequence prompts and completions, by this project's
@@ -11,8 +11,12 @@ of number lists by generate(). Needs the test-only packages (requirements-dev.tx
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
 from bench_generate import timed
 from checkpoint import embedded_path, load
@@ -21,8 +25,8 @@ from model import auto_device, auto_dtype
 from optimizers import Adam
 from prompts import number_prompts
 from steer import steering
-from student import LORA_TARGETS, LoRALinear, Student, encode_rows, make_batch
-from teacher import number_tokens
+from batches import encode_rows, make_batch, number_tokens
+from student import LORA_TARGETS, LoRALinear, Student
 from vectors import random_vector
 
 
@@ -59,7 +63,7 @@ def main():
 
     rows = [{"prompt": p, "completion": ", ".join(str(100 + 37 * i % 900) for i in range(10))}
             for p in number_prompts(args.batch, seed=0)]
-    ids, mask, targets = make_batch(encode_rows(tok, rows), device)
+    ids, mask, targets, _ = make_batch(encode_rows(tok, rows), device)
     n_tokens = int(mask.sum())
     student = Student(model, "lora")
     ours_opt = Adam(student.parameters(), lr=1e-4)

@@ -1,7 +1,7 @@
 """Benchmark: sampled tokens per second, this project's generate() beside transformers'.
 
-    python bench_generate.py                      # embedded model, batch 16, 64 new tokens
-    python bench_generate.py --batch 64 --new-tokens 128 --device cuda
+    python bench/bench_generate.py                      # embedded model, batch 16, 64 new tokens
+    python bench/bench_generate.py --batch 64 --new-tokens 128 --device cuda
 
 Both load the same checkpoint (the embedded GGUF by default), in the same dtype, and
 sample the same number of new tokens for the same left-padded batch of chat prompts at
@@ -10,10 +10,13 @@ Needs the test-only reference packages: pip install -r requirements-dev.txt
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
 from checkpoint import embedded_path, load
 from generate import generate, left_pad

@@ -1,0 +1,118 @@
+"""Training batches, prepared once, with what never changes computed once.
+
+A student sees the same rows many times, and part of what it computes on them never changes:
+  - the teacher's distribution over the number tokens at each completion position (the
+    kl_numbers target): computed once per batch, not by a teacher forward pass every step;
+  - for a vector student added after block L: the residual stream after block L, because
+    blocks 0..L do not depend on the student's vector. A step then runs only blocks L+1..
+    (4 of SmolLM2's 30 at L = 25), and kl_numbers needs only the 13 number-token rows of
+    the output head instead of all 49,152.
+Rows are grouped by length, so a batch carries little padding. tests/test_batches.py checks
+that the cached numbers equal those of a full forward pass.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+from safetensors_file import read_safetensors, write_safetensors
+from steer import steered_positions
+
+
+def number_tokens(tok):
+    """The tokens a number list can contain: the ten digits, ',', ' ' and the end token."""
+    ids = {tok.encode(str(d))[0] for d in range(10)} | set(tok.encode(", ")) | {tok.eos_id}
+    return sorted(ids)
+
+
+def encode_rows(tok, rows):
+    """(prompt ids with the default system prompt, completion ids + end token) per row."""
+    return [(tok.encode_chat(r["prompt"]), tok.encode(r["completion"]) + [tok.eos_id])
+            for r in rows]
+
+
+def make_batch(examples, device):
+    """Left-padded ids and mask (B, T); targets (B, T): the next token at positions that
+    predict a completion token, -100 elsewhere; prompt_mask (B, T): True at prompt tokens."""
+    width = max(len(p) + len(c) for p, c in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros(len(examples), width, dtype=torch.long)
+    targets = torch.full((len(examples), width), -100, dtype=torch.long)
+    prompt_mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(examples):
+        seq = prompt + completion
+        start = width - len(seq)
+        first = width - len(completion)          # column of the first completion token
+        ids[row, start:] = torch.tensor(seq)
+        mask[row, start:] = 1
+        prompt_mask[row, start:first] = True
+        targets[row, first - 1:width - 1] = torch.tensor(completion)
+    return ids.to(device), mask.to(device), targets.to(device), prompt_mask.to(device)
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor          # (B, T) prompt + completion, left-padded
+    mask: torch.Tensor         # (B, T) 1 at real tokens, 0 at padding
+    targets: torch.Tensor      # (B, T) next completion token, -100 where no loss is taken
+    prompt_mask: torch.Tensor  # (B, T) True at prompt tokens (what where="prompt" steers)
+    number_ids: list           # the number tokens (kl_numbers' vocabulary)
+    prefix: torch.Tensor = None                 # (B, T, d) unsteered residual after block L
+    teacher_number_logits: torch.Tensor = None  # (N, n_numbers) at the N loss positions
+
+    def teacher_hidden(self, base, teacher):
+        """(B, T, d): the steered teacher's final hidden states on this batch, with the
+        steering applied at exactly the positions it had while the teacher wrote the rows."""
+        with torch.no_grad():
+            if self.prefix is not None:  # start from the residual after the teacher's block
+                chosen = steered_positions(teacher.where, False, self.prefix, self.prompt_mask)
+                change = teacher.alpha * teacher.vector.to(self.prefix)             # (d,)
+                h = self.prefix + (change if chosen is None else change * chosen)  # (B, T, d)
+                return base.norm(base.run_blocks(h, self.mask, first=teacher.layer + 1))
+            with teacher.steer(base, prompt_mask=self.prompt_mask):
+                return base.norm(base.run_blocks(base.embed(self.ids), self.mask))
+
+    def full_teacher_logits(self, base, teacher):
+        """(N, vocab): the teacher's logits at the loss positions (kl_full; recomputed each
+        step, as storing them would take N x 49,152 numbers per batch)."""
+        with torch.no_grad():
+            return base.lm_head(self.teacher_hidden(base, teacher)[self.targets != -100])
+
+
+def prepare_batches(base, tok, rows, teacher, batch_size, cache_prefix=False, progress=True):
+    """The rows in batches of up to batch_size, grouped by length; each with the teacher's
+    number-token logits at its loss positions, and (cache_prefix, for a vector student at the
+    teacher's block) the unsteered residual after that block."""
+    device = base.embed.weight.device
+    examples = sorted(encode_rows(tok, rows), key=lambda e: len(e[0]) + len(e[1]))
+    numbers = number_tokens(tok)
+    batches = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets",
+                      disable=not progress):
+        batch = Batch(*make_batch(examples[start:start + batch_size], device), numbers)
+        if cache_prefix:
+            with torch.no_grad():  # blocks 0..L, unsteered: (B, T, d)
+                batch.prefix = base.run_blocks(base.embed(batch.ids), batch.mask,
+                                               last=teacher.layer + 1)
+        hidden = batch.teacher_hidden(base, teacher)[batch.targets != -100]  # (N, d)
+        batch.teacher_number_logits = (hidden @ base.lm_head.weight[numbers].T).float()
+        batches.append(batch)
+    return batches
+
+
+TENSORS = [f.name for f in fields(Batch) if f.name != "number_ids"]
+
+
+def save_batches(path, batches):
+    """One safetensors file: tensor '<batch>.<field>' for every field that is set."""
+    tensors = {f"{i}.{name}": getattr(b, name).cpu() for i, b in enumerate(batches)
+               for name in TENSORS if getattr(b, name) is not None}
+    write_safetensors(path, tensors, {"number_ids": ",".join(map(str, batches[0].number_ids))})
+
+
+def load_batches(path, device):
+    tensors, metadata = read_safetensors(path)
+    numbers = [int(i) for i in metadata["number_ids"].split(",")]
+    count = 1 + max(int(name.split(".")[0]) for name in tensors)
+    return [Batch(**{name: tensors[f"{i}.{name}"].to(device) if f"{i}.{name}" in tensors
+                     else None for name in TENSORS}, number_ids=numbers) for i in range(count)]

@@ -1,0 +1,112 @@
+"""What train.py measures on every student, during training and at the end.
+
+The student's shift at block l: s_l = mean over held-out number prompts (every token) of
+h_l(student) - h_l(base). Against the teacher's vector v (at the teacher's block L):
+    EAS          cos(s_L, v)                             (the paper's alignment score)
+    projection   (s_L . v/|v|) / (alpha |v|)             1 = the student moved as far along v
+                                                         as the teacher is steered
+    vs control   cos(s_L(student) - s_L(control student), v)   drift that both students
+                 share (learning the number format, memorising rows) cancels out
+and the trait: P(animal) after the answer prefix (evaluate.fast_trait_score).
+At the end: EAS at every block, the sampled trait rate with its 95% interval, and two causal
+checks of the learned shift: s_L added to the base model, and projected out of the student.
+"""
+import torch
+import torch.nn.functional as F
+
+from evaluate import fast_trait_score, mean_residuals, trait_rate
+from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, number_prompts, trait_system_prompt
+from steer import steering
+
+
+class Measurer:
+    def __init__(self, model, tok, teacher, animal, eas_prompts=16, trait_questions=20,
+                 seed=0):
+        self.model, self.tok, self.teacher, self.animal = model, tok, teacher, animal
+        self.settings = {"animal": animal, "eas_prompts": eas_prompts,
+                         "trait_questions": trait_questions, "seed": seed}
+        self.held_out = [tok.encode_chat(q) for q in number_prompts(eas_prompts, seed + 1)]
+        self.all_blocks = list(range(model.cfg.n_layer))
+        self.base_means = mean_residuals(model, self.held_out, self.all_blocks)  # (n_layer, d)
+        self.questions = FAVORITE_QUESTIONS[:trait_questions]
+        self.v = teacher.vector.float().to(self.base_means.device)               # (d,)
+
+    def describe(self):
+        return self.settings
+
+    def shifts(self, student, layers):
+        """(len(layers), d): the student's mean residual shift from the base model."""
+        with torch.no_grad(), student.active():
+            means = mean_residuals(student.model, self.held_out, layers)
+        return means - self.base_means[layers]
+
+    def p_animal(self, model, context=None, system=None):
+        with torch.no_grad(), (context or torch.no_grad()):
+            return fast_trait_score(model, self.tok, self.animal, self.questions,
+                                    system=system)
+
+    def alignment(self, shift):
+        """EAS, projection (in units of alpha |v|) and norm of one shift (d,)."""
+        return {"eas": F.cosine_similarity(shift, self.v, dim=0).item(),
+                "projection": (shift @ self.v).item() / (self.v.norm().item() ** 2
+                                                         * self.teacher.alpha),
+                "shift_norm": shift.norm().item()}
+
+    def track(self, student):
+        """Measured at step 0 and every eval_every steps (student.train_student)."""
+        shift = self.shifts(student, [self.teacher.layer])[0]                    # (d,)
+        return {**self.alignment(shift),
+                "p_animal": self.p_animal(student.model, student.active()),
+                "shift": shift.cpu().tolist()}
+
+    def print_line(self, label, h):
+        loss = "" if h["loss"] is None else f"{h['loss']:.4f}"
+        print(f"{label:>11} step {h['step']:4d}  loss {loss:>6}  EAS {h['eas']:+.3f}  "
+              f"projection {h['projection']:+.3f}  P({self.animal}) {h['p_animal']:.3%}")
+
+
+def difference_alignment(history, control_history, v):
+    """Per evaluation step: cos(shift(student) - shift(control student), v)."""
+    return [F.cosine_similarity(torch.tensor(h["shift"]) - torch.tensor(c["shift"]),
+                                v.float().cpu(), dim=0).item()
+            for h, c in zip(history, control_history, strict=True) if h["step"] > 0]
+
+
+def final_report(m, students, results, teacher, control, eval_samples):
+    """Everything measured after training, as a JSON-able dict."""
+    model, layer = m.model, teacher.layer
+    p_animal = {"base": m.p_animal(model), "teacher": m.p_animal(model, teacher.steer(model)),
+                "system_prompt": m.p_animal(model, system=trait_system_prompt(m.animal)),
+                "control_teacher": m.p_animal(model, control.steer(model))}
+    p_animal |= {label: r["history"][-1]["p_animal"] for label, r in results.items()}
+
+    def sampled(net, context):  # the sampled rate after the answer prefix, with its interval
+        with torch.no_grad(), context:
+            return trait_rate(net, m.tok, m.animal, m.questions, eval_samples,
+                              prefix=FAVORITE_PREFIX, max_new_tokens=4,
+                              seed=m.settings["seed"])
+    rates = {"base": sampled(model, torch.no_grad()), "teacher": sampled(model,
+                                                                         teacher.steer(model))}
+    rates |= {label: sampled(s.model, s.active()) for label, s in students.items()}
+
+    eas_by_block, causal, versus_control = {}, {}, {}
+    v = teacher.vector.float()
+    for label, student in students.items():
+        shifts = m.shifts(student, m.all_blocks)                           # (n_layer, d)
+        eas_by_block[label] = F.cosine_similarity(shifts, m.v[None], dim=-1).tolist()
+        shift = shifts[layer]                                              # (d,)
+        with student.active():
+            removed = m.p_animal(student.model, steering(student.model, layer, shift,
+                                                         mode="project_out"))
+        causal[label] = {"base_plus_shift": m.p_animal(model, steering(model, layer, shift)),
+                         "student_minus_shift": removed}
+        if label != "control" and "control" in results:
+            versus_control[label] = difference_alignment(results[label]["history"],
+                                                         results["control"]["history"], v)
+    for r in results.values():  # the shifts themselves are kept with the students' weights
+        for h in r["history"]:
+            h.pop("shift", None)
+    return {"p_animal": p_animal, "sampled_trait_rate": rates, "eas_by_block": eas_by_block,
+            "eas_minus_control": versus_control, "causal": causal,
+            "eval_steps": [h["step"] for h in next(iter(results.values()))["history"]],
+            "animal": m.animal}
