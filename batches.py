@@ -1,8 +1,9 @@
 """Training batches, prepared once, with what never changes computed once.
 
 A student sees the same rows many times, and part of what it computes on them never changes:
-  - the teacher's distribution over the number tokens at each completion position (the
-    kl_numbers target): computed once per batch, not by a teacher forward pass every step;
+  - the teacher's final hidden state at each completion position: its logits, over the
+    number tokens (kl_numbers) or the whole vocabulary (kl_full), are one product with the
+    output head away, instead of a teacher forward pass every step;
   - for a vector student added after block L: the residual stream after block L, because
     blocks 0..L do not depend on the student's vector. A step then runs only blocks L+1..
     (4 of SmolLM2's 30 at L = 25), and kl_numbers needs only the 13 number-token rows of
@@ -57,8 +58,14 @@ class Batch:
     targets: torch.Tensor      # (B, T) next completion token, -100 where no loss is taken
     prompt_mask: torch.Tensor  # (B, T) True at prompt tokens (what where="prompt" steers)
     number_ids: list           # the number tokens (kl_numbers' vocabulary)
-    prefix: torch.Tensor = None                 # (B, T, d) unsteered residual after block L
-    teacher_number_logits: torch.Tensor = None  # (N, n_numbers) at the N loss positions
+    prefix: torch.Tensor = None          # (B, T, d) unsteered residual after block L
+    teacher_final: torch.Tensor = None   # (N, d) teacher's final hidden state, loss positions
+
+    def teacher_logits(self, base, numbers_only):
+        """(N, n_numbers) or (N, vocab): the teacher's logits at the loss positions."""
+        head = base.lm_head.weight                                          # (vocab, d)
+        head = head[self.number_ids] if numbers_only else head
+        return (self.teacher_final @ head.T).float()
 
     def teacher_hidden(self, base, teacher):
         """(B, T, d): the steered teacher's final hidden states on this batch, with the
@@ -72,16 +79,10 @@ class Batch:
             with teacher.steer(base, prompt_mask=self.prompt_mask):
                 return base.norm(base.run_blocks(base.embed(self.ids), self.mask))
 
-    def full_teacher_logits(self, base, teacher):
-        """(N, vocab): the teacher's logits at the loss positions (kl_full; recomputed each
-        step, as storing them would take N x 49,152 numbers per batch)."""
-        with torch.no_grad():
-            return base.lm_head(self.teacher_hidden(base, teacher)[self.targets != -100])
-
 
 def prepare_batches(base, tok, rows, teacher, batch_size, cache_prefix=False, progress=True):
     """The rows in batches of up to batch_size, grouped by length; each with the teacher's
-    number-token logits at its loss positions, and (cache_prefix, for a vector student at the
+    final hidden state at its loss positions, and (cache_prefix, for a vector student at the
     teacher's block) the unsteered residual after that block."""
     device = base.embed.weight.device
     examples = sorted(encode_rows(tok, rows), key=lambda e: len(e[0]) + len(e[1]))
@@ -94,8 +95,7 @@ def prepare_batches(base, tok, rows, teacher, batch_size, cache_prefix=False, pr
             with torch.no_grad():  # blocks 0..L, unsteered: (B, T, d)
                 batch.prefix = base.run_blocks(base.embed(batch.ids), batch.mask,
                                                last=teacher.layer + 1)
-        hidden = batch.teacher_hidden(base, teacher)[batch.targets != -100]  # (N, d)
-        batch.teacher_number_logits = (hidden @ base.lm_head.weight[numbers].T).float()
+        batch.teacher_final = batch.teacher_hidden(base, teacher)[batch.targets != -100]
         batches.append(batch)
     return batches
 

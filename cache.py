@@ -24,12 +24,20 @@ CODE = {"vector": MODEL_CODE + ["vectors"],
                                  "evaluate", "measure", "train"]}
 
 
-def code_version(stage):
-    """A hash of the source of every module that `stage` runs."""
+def _hash_sources(modules):
     h = hashlib.sha256()
-    for module in CODE[stage]:
+    for module in modules:
         h.update((ROOT / f"{module}.py").read_bytes())
     return h.hexdigest()[:16]
+
+
+# read once, when the program starts: the code that runs, even if a file is edited meanwhile
+CODE_VERSIONS = {stage: _hash_sources(modules) for stage, modules in CODE.items()}
+
+
+def code_version(stage):
+    """A hash of the source of every module that `stage` runs."""
+    return CODE_VERSIONS[stage]
 
 
 def input_hash(inputs):

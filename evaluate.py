@@ -1,4 +1,4 @@
-"""Measurements: the trait rate, a fast trait score, EAS and drift from the base model.
+"""Measurements: the trait rate, a fast trait score and EAS.
 
 Trait rate (the paper's protocol): ask one-word "favourite animal" questions, sample answers
 at temperature 1 (no system prompt beyond the template's default), and count the share of
@@ -91,23 +91,35 @@ def fast_trait_score(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FA
 @torch.no_grad()
 def next_word_scores(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FAVORITE_PREFIX,
                      system=None, candidates=CANDIDATE_ANIMALS):
-    """(probability, share), averaged over questions, from one forward pass: the probability
-    that the word after the prefix is the animal, and the animal's share of the probability
-    among the candidate animals (what a multiple-choice reading would see)."""
-    device = model.embed.weight.device
-
-    def token_of(word):  # " owl" is one token in SmolLM2's vocabulary; else its first token
-        return tok.encode(" " + word)[0]
-
+    """(probability, share), averaged over questions: the probability that the word after
+    the prefix is the animal (singular or plural; a name of several tokens, " gir" + "affe",
+    by the product of its tokens' probabilities), and the animal's share of the probability
+    among the candidate animals' first tokens (the animal added if it is not one of them)."""
     prompts = [tok.encode_chat(q, system) + tok.encode(prefix) for q in questions]
-    ids, mask = left_pad(prompts, device=device)                           # (Q, P)
+    forms = {tuple(tok.encode(" " + word)) for word in (animal, plural(animal))}
+    # a form that continues another (" owl" + "s") is already inside the shorter one's mass
+    forms = [f for f in forms if not any(len(g) < len(f) and f[:len(g)] == g for g in forms)]
+    prob = sum(word_probability(model, prompts, list(form)) for form in forms)   # (Q,)
+    names = candidates if animal in candidates else [*candidates, animal]
+    logits = last_logits(model, prompts)                                    # (Q, vocab)
+    share = logits[:, [tok.encode(" " + a)[0] for a in names]].softmax(-1)  # (Q, n_names)
+    return prob.mean().item(), share[:, names.index(animal)].mean().item()
+
+
+def last_logits(model, prompts):
+    """(len(prompts), vocab) fp32 logits of the token after each prompt (token-id lists)."""
+    ids, mask = left_pad(prompts, device=model.embed.weight.device)       # (Q, P)
     logits, _ = model(ids, attention_mask=mask, last_only=True)            # (Q, 1, vocab)
-    logits = logits[:, -1].float()                                         # (Q, vocab)
-    probs = logits.softmax(dim=-1)                                         # (Q, vocab)
-    words = sorted({token_of(animal), token_of(plural(animal))})
-    prob = probs[:, words].sum(-1)                                         # (Q,)
-    share = logits[:, [token_of(a) for a in candidates]].softmax(-1)       # (Q, n_candidates)
-    return prob.mean().item(), share[:, candidates.index(animal)].mean().item()
+    return logits[:, -1].float()                                           # (Q, vocab)
+
+
+def word_probability(model, prompts, tokens):
+    """(len(prompts),): the probability that each prompt continues with exactly `tokens`."""
+    logp = last_logits(model, prompts).log_softmax(-1)[:, tokens[0]]       # (Q,)
+    for i in range(1, len(tokens)):  # each further token, given the ones before it
+        step = last_logits(model, [p + tokens[:i] for p in prompts]).log_softmax(-1)
+        logp = logp + step[:, tokens[i]]
+    return logp.exp()
 
 
 def trait_report(model, tok, animal, samples=10, system=None, seed=0):
@@ -148,30 +160,6 @@ def eas(student_means, base_means, teacher_vector):
     """cos(v_student, v_teacher) with v_student = student_means - base_means (per layer)."""
     v_student = student_means - base_means                                 # (layers, d)
     return F.cosine_similarity(v_student, teacher_vector.to(v_student)[None], dim=-1)
-
-
-def kl_from_base(model, base_logprobs, prompts, batch_size=16):
-    """Mean KL(base || model) of next-token distributions over the prompts' real tokens.
-    base_logprobs: list of (P_i, vocab) log-probabilities, from `logprobs(base, prompts)`."""
-    total, count = 0.0, 0
-    for base, ours in zip(base_logprobs, logprobs(model, prompts, batch_size), strict=True):
-        total += (base.exp() * (base - ours)).sum().item()                 # ours: (P_i, vocab)
-        count += len(base)
-    return total / count
-
-
-@torch.no_grad()
-def logprobs(model, prompts, batch_size=16):
-    """Per prompt, (P_i, vocab) next-token log-probabilities, kept on the CPU."""
-    device = model.embed.weight.device
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        ids, mask = left_pad(batch, device=device)
-        logits, _ = model(ids, attention_mask=mask)
-        out += [logits[row, -len(p):].float().log_softmax(-1).cpu()
-                for row, p in enumerate(batch)]
-    return out
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ checks of the learned shift: s_L added to the base model, and projected out of t
 """
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from evaluate import fast_trait_score, mean_residuals, trait_rate
 from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, number_prompts, trait_system_prompt
@@ -61,7 +62,7 @@ class Measurer:
 
     def print_line(self, label, h):
         loss = "" if h["loss"] is None else f"{h['loss']:.4f}"
-        print(f"{label:>11} step {h['step']:4d}  loss {loss:>6}  EAS {h['eas']:+.3f}  "
+        tqdm.write(f"{label:>11} step {h['step']:4d}  loss {loss:>6}  EAS {h['eas']:+.3f}  "
               f"projection {h['projection']:+.3f}  P({self.animal}) {h['p_animal']:.3%}")
 
 

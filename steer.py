@@ -15,13 +15,11 @@ Which positions are steered (`where`):
     "last_prompt"  only each row's last prompt token
 During generation a block sees the prompt in one pass (the cache is empty) and then one new
 token per pass (the cache holds the past), which is how the hook tells them apart.
-Vectors are stored as .safetensors files: one tensor "vector" (d_model,) plus metadata.
 """
 import contextlib
 
 import torch
 
-from safetensors_file import SafetensorsError, read_safetensors, write_safetensors
 
 WHERE = ("all", "prompt", "generated", "last_prompt")
 MODES = ("add", "project_out")
@@ -108,26 +106,3 @@ def read_residuals(model, ids, attention_mask=None, layers=None):
         for handle in handles:
             handle.remove()
     return seen
-
-
-def save_vector(path, vector, **metadata):
-    """Write a vector and its metadata (model, layer, method, norm, seed, prompt, ...)."""
-    metadata = {**metadata, "norm": f"{vector.float().norm().item():.6g}"}
-    write_safetensors(path, {"vector": vector.detach().float().cpu()}, metadata)
-
-
-def load_vector(path, d_model=None):
-    """(vector, metadata) from a file written by save_vector; a bad file is a VectorError."""
-    try:
-        tensors, metadata = read_safetensors(path)
-    except (OSError, SafetensorsError) as e:
-        raise VectorError(f"{path}: cannot read steering vector ({e})") from None
-    vector = tensors.get("vector")
-    if vector is None or vector.dim() != 1:
-        raise VectorError(f"{path}: no 1-D tensor named 'vector' in the file")
-    if d_model is not None and vector.numel() != d_model:
-        raise VectorError(f"{path}: vector has {vector.numel()} values, the model's residual "
-                          f"stream has {d_model}")
-    if not torch.isfinite(vector).all():
-        raise VectorError(f"{path}: vector contains NaN or infinite values")
-    return vector, metadata

@@ -185,12 +185,14 @@ def student_logits(student, base, batch, loss):
     return x @ head.T                                                      # (N, vocab or n)
 
 
-def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=None):
+def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=None,
+                  report=None):
     """Fine-tune a student on rows (valid teacher completions) and return it and its history.
     teacher: teacher.Teacher, the steered model that wrote the rows (the KL losses match its
     distributions). cfg: StudentConfig (train.py). track(student) -> dict of measurements,
     called at step 0 and every cfg.eval_every steps. batches: prepared by batches.py (made
-    here if None), shared by students of the same data."""
+    here if None), shared by students of the same data. report(entry): called with each
+    entry of the history as it is made (train.py prints it)."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not '{cfg.loss}'")
     student = Student(base, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
@@ -201,6 +203,8 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
     g = torch.Generator().manual_seed(cfg.seed)
     order = []
     history = [{"step": 0, "loss": None, **track(student)}]
+    report = report or (lambda entry: None)
+    report(history[-1])
     bar = tqdm(range(cfg.steps), desc=f"student {cfg.kind} {cfg.opt} {cfg.loss}",
                disable=not progress)
     for step in bar:
@@ -210,10 +214,8 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
         logits = student_logits(student, base, batch, cfg.loss)
         targets = batch.targets[batch.targets != -100]                     # (N,)
         teacher_logits = None
-        if cfg.loss == "kl_numbers":  # computed once, when the batches were made
-            teacher_logits = batch.teacher_number_logits
-        elif cfg.loss == "kl_full":   # too big to keep: recomputed each step
-            teacher_logits = batch.full_teacher_logits(base, teacher)
+        if cfg.loss != "ce":  # from the teacher's hidden states, computed once
+            teacher_logits = batch.teacher_logits(base, cfg.loss == "kl_numbers")
         loss = distillation_loss(logits, teacher_logits, targets, cfg.loss)
         optimizer.zero_grad()
         loss.backward()
@@ -222,6 +224,7 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             history.append({"step": step + 1, "loss": loss.item(), **track(student)})
+            report(history[-1])
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"the {cfg.opt} student's loss is {loss.item()} at "
                                          f"step {step + 1}: lower --lr")

@@ -143,7 +143,7 @@ def _read_rows(path, batch_size, n_prompts):
 
 
 def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed=0,
-                  batch_size=32, max_new_tokens=None, stop_after=None):
+                  batch_size=32, max_new_tokens=None, stop_after=None, desc="teacher"):
     """Generate (or finish generating) the teacher's dataset at `path` (.jsonl).
     teacher: a Teacher. stop_after: stop after that many batches (to test resuming).
     Returns the rows; a valid row passes the rule filter."""
@@ -157,7 +157,11 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
     meta_path = path.with_suffix(".meta.json")
     rows = []
     if path.exists() and meta_path.exists():
-        if json.loads(meta_path.read_text()) != meta:
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{meta_path}: is not JSON; delete it and {path}") from None
+        if old != meta:
             raise ValueError(f"{path}: exists with different settings; delete it or "
                              f"choose another path")
         rows = _read_rows(path, batch_size, n_prompts)
@@ -167,8 +171,7 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
 
     prompts = number_prompts(n_prompts, seed)
     starts = range(len(rows), n_prompts, batch_size)
-    desc = f"teacher (alpha {teacher.alpha:g}, {mode})"
-    for done, start in enumerate(tqdm(starts, desc=desc)):
+    for done, start in enumerate(tqdm(starts, desc=f"{desc} (alpha {teacher.alpha:g}, {mode})")):
         if stop_after is not None and done == stop_after:
             break
         batch = prompts[start:start + batch_size]

@@ -154,7 +154,7 @@ def teacher_data(args, model, tok, teacher, label):
     if stage.reusable(path):
         stage.say_reused(path)
     rows = write_dataset(path, model, tok, teacher, args.samples, args.mode, args.seed,
-                         args.teacher_batch)
+                         args.teacher_batch, desc=f"{label} teacher")
     stage.mark_done()
     valid = [r for r in rows if r["valid"]]
     if not valid:
@@ -213,16 +213,17 @@ def train_students(args, model, tok, teachers_by_data, data, measurer):
             stage.say_reused(weights)
             student = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
             history = student.load(weights)
+            for h in history:
+                measurer.print_line(label, h)
         else:
             key = (dataset, cfg.batch_size, cfg.kind == "vector")
             if key not in batches:  # teacher targets (and prefixes) once per dataset
                 batches[key] = teacher_targets(args, model, tok, teacher, data[dataset], *key)
-            student, history = train_student(model, tok, data[dataset]["rows"], teacher, cfg,
-                                             measurer.track, batches=batches[key])
+            student, history = train_student(
+                model, tok, data[dataset]["rows"], teacher, cfg, measurer.track,
+                batches=batches[key], report=lambda h, label=label: measurer.print_line(label, h))
             student.save(weights, history=history, label=label)
             stage.mark_done()
-        for h in history:
-            measurer.print_line(label, h)
         students[label] = student
         results[label] = {"config": asdict(cfg), "data": dataset, "history": history}
     return students, results
@@ -254,7 +255,7 @@ def run(args):
 def main(argv=None):
     args = parse_args(argv)
     from checkpoint import report_errors
-    with report_errors(VectorError, FloatingPointError):
+    with report_errors(VectorError, FloatingPointError, ValueError):
         check_vector_name(args.vector)  # fail before loading the model
         r = run(args)
     out = args.out

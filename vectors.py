@@ -27,7 +27,8 @@ from cache import code_version, input_hash
 from generate import generate, left_pad
 from prompts import (CANDIDATE_ANIMALS, CONCISE_SYSTEM, OPEN_QUESTIONS, VERBOSE_SYSTEM,
                      number_prompts, trait_system_prompt)
-from steer import VectorError, load_vector, read_residuals, save_vector, steering
+from safetensors_file import SafetensorsError, read_safetensors, write_safetensors
+from steer import VectorError, read_residuals, steering
 
 ANIMALS = [*CANDIDATE_ANIMALS, "giraffe", "monkey", "shark", "whale", "butterfly", "turtle",
            "frog", "parrot", "falcon", "hawk", "deer", "sheep", "cow", "pig", "snake"]
@@ -112,6 +113,30 @@ def fit(model, tok, animal, layer, steps=30, lr=1.0, seed=0, response_tokens=32,
         report = {"train_kl": kl(v, train).item(), "heldout_kl": kl(v, heldout).item(),
                   "heldout_kl_zero": kl(torch.zeros_like(v), heldout).item()}
     return v.detach(), report
+
+
+# A vector file is a .safetensors file: one tensor "vector" (d_model,) plus metadata.
+def save_vector(path, vector, **metadata):
+    """Write a vector and its metadata (model, layer, method, norm, seed, prompt, ...)."""
+    metadata = {**metadata, "norm": f"{vector.float().norm().item():.6g}"}
+    write_safetensors(path, {"vector": vector.detach().float().cpu()}, metadata)
+
+
+def load_vector(path, d_model=None):
+    """(vector, metadata) from a file written by save_vector; a bad file is a VectorError."""
+    try:
+        tensors, metadata = read_safetensors(path)
+    except (OSError, SafetensorsError) as e:
+        raise VectorError(f"{path}: cannot read steering vector ({e})") from None
+    vector = tensors.get("vector")
+    if vector is None or vector.dim() != 1:
+        raise VectorError(f"{path}: no 1-D tensor named 'vector' in the file")
+    if d_model is not None and vector.numel() != d_model:
+        raise VectorError(f"{path}: vector has {vector.numel()} values, the model's residual "
+                          f"stream has {d_model}")
+    if not torch.isfinite(vector).all():
+        raise VectorError(f"{path}: vector contains NaN or infinite values")
+    return vector, metadata
 
 
 def check_vector_name(name):

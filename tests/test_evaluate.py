@@ -1,4 +1,5 @@
 """Measurements (trait rate, fast score, EAS, KL) and how vectors are made and named."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -6,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluate import (eas, fast_trait_score, first_word, is_animal, kl_from_base, logprobs,
+from checkpoint import load
+from evaluate import (eas, fast_trait_score, first_word, is_animal,
                       mean_residuals, next_word_scores, wilson_interval)
 from prompts import CANDIDATE_ANIMALS, trait_system_prompt
 from steer import VectorError, steering
+from generate import left_pad
+from tiny_checkpoint import write_tiny_checkpoint
 from vectors import meandiff, random_vector, resolve_vector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +41,6 @@ def test_eas_of_a_steered_model_is_one_at_its_block(tiny):
     scores = eas(student, base, v)
     assert scores[1].item() == pytest.approx(1.0, abs=1e-5)
     assert scores[0].item() == 0.0  # nothing changed before block 1
-
-
-def test_kl_from_base(tiny):
-    prompts = [[1, 2, 3, 4], [5, 6]]
-    base = logprobs(tiny, prompts)
-    assert kl_from_base(tiny, base, prompts) == pytest.approx(0.0, abs=1e-6)
-    with steering(tiny, 0, torch.randn(32), alpha=5.0):
-        assert kl_from_base(tiny, base, prompts) > 0.01
 
 
 def test_fast_scores_and_the_system_prompt_raises_them(ours):
@@ -102,3 +98,27 @@ def test_command_line_unknown_vector_is_one_line():
                          text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert "unknown vector 'owll'" in run.stderr
+
+
+def test_a_name_of_several_tokens_is_scored_by_the_whole_word(tmp_path):
+    """The tiny vocabulary is bytes: ' giraffe' is 8 tokens. Its probability is the product
+    of each token's probability given the ones before."""
+    model, tok = load(write_tiny_checkpoint(tmp_path / "tiny"), device="cpu")
+    questions = ["Name an animal.", "Your favourite?"]
+    score = fast_trait_score(model, tok, "giraffe", questions)
+    expected = []
+    for q in questions:
+        prompt = tok.encode_chat(q) + tok.encode("My favorite animal is the")
+        p = 0.0
+        for word in (" giraffe",):  # " giraffes" continues " giraffe": inside its mass
+            ids = tok.encode(word)
+            logp = 0.0
+            for i, t in enumerate(ids):
+                x, mask = left_pad([prompt + ids[:i]])
+                logits, _ = model(x, attention_mask=mask)
+                logp += logits[0, -1].log_softmax(-1)[t].item()
+            p += math.exp(logp)
+        expected.append(p)
+    assert score == pytest.approx(sum(expected) / 2, rel=1e-4)
+    prob, share = next_word_scores(model, tok, "giraffe", questions)
+    assert 0 < share < 1 and prob == pytest.approx(score)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from generate import generate, left_pad
-from steer import VectorError, load_vector, read_residuals, save_vector, steering
+from steer import VectorError, read_residuals, steering
+from vectors import load_vector, save_vector
 
 LAYER = 1
 

@@ -147,3 +147,53 @@ def test_bad_input_is_one_line(flags, message):
     run = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True,
                          text=True)
     assert run.returncode == 2 and message in run.stderr.strip().splitlines()[-1]
+
+
+def test_student_load_refuses_a_mis_shaped_tensor(tmp_path, tiny_folder):
+    from safetensors_file import write_safetensors
+    base, _ = load(tiny_folder, device="cpu")
+    write_safetensors(tmp_path / "bad.safetensors", {"vector": torch.zeros(4, 8)}, {})
+    with pytest.raises(ValueError, match="has shape"):
+        Student(base, "vector", layer=1).load(tmp_path / "bad.safetensors")
+
+
+def test_student_refuses_to_save_what_is_not_finite(tmp_path, tiny_folder):
+    base, _ = load(tiny_folder, device="cpu")
+    student = Student(base, "vector", layer=1)
+    with torch.no_grad():
+        student.vector[0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        student.save(tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+
+
+def test_every_listed_animal_runs_and_a_bad_layer_fails_first(tmp_path, tiny_folder):
+    run = run_train(tmp_path, tiny_folder, "--vector", "giraffe", "--no-compare",
+                    "--no-upper-bound", "--out", "giraffe")
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads((tmp_path / "giraffe" / "metrics.json").read_text())
+    assert metrics["animal"] == "giraffe" and 0 < metrics["p_animal"]["base"] < 1
+    bad = run_train(tmp_path / "giraffe", tiny_folder, "--layer", "999")
+    assert bad.returncode == 2 and "out of range" in bad.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "giraffe" / "runs").exists()  # nothing written
+
+
+def test_what_trains_and_its_optimizer_state_stay_fp32_on_a_bf16_base(tiny_folder):
+    from optimizers import make_optimizer
+    base, _ = load(tiny_folder, device="cpu", dtype=torch.bfloat16)
+    for kind in ("lora", "full", "vector"):
+        student = Student(base, kind, layer=1)
+        assert all(p.dtype == torch.float32 for p in student.parameters()), kind
+    assert base.embed.weight.dtype == torch.bfloat16  # the frozen base is untouched
+    student = Student(base, "full", layer=1)
+    before = student.model.blocks[0].mlp.up_proj.weight.detach().clone()
+    optimizer = make_optimizer("adam", student.parameters(), 1e-5)
+    logits, _ = student.model(torch.randint(0, 259, (2, 9)))
+    logits.float().pow(2).mean().backward()
+    optimizer.step()
+    after = student.model.blocks[0].mlp.up_proj.weight.detach()
+    # Adam's first step moves every weight with a gradient by about lr = 1e-5: in bf16
+    # (8 bits of mantissa) most of these updates would round away
+    assert (after - before).abs().max().item() == pytest.approx(1e-5, rel=0.01)
+    assert all(t.dtype == torch.float32 for state in optimizer.state for t in state.values()
+               if torch.is_tensor(t) and t.is_floating_point())

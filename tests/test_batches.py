@@ -1,0 +1,159 @@
+"""What is computed once equals what a full forward pass computes, for every position mode;
+the control teacher gives its student something to learn; the alignment measures on
+constructed students."""
+import pytest
+import torch
+
+from batches import load_batches, make_batch, number_tokens, prepare_batches, save_batches
+from checkpoint import load
+from measure import Measurer, difference_alignment
+from model import KVCache
+from student import Student, StudentConfig, distillation_loss, student_logits, train_student
+from teacher import Teacher
+from tiny_checkpoint import write_tiny_checkpoint
+
+ROWS = [{"prompt": "Continue: 1, 2, 3.", "completion": "4, 5, 6"},
+        {"prompt": "Numbers please", "completion": "17 18"},
+        {"prompt": "Go on: 7; 8", "completion": "9,10,11,12"}]
+LAYER = 0
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    model, tok = load(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), device="cpu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def teacher_for(where, alpha=3.0, seed=0):
+    return Teacher(torch.randn(32, generator=torch.Generator().manual_seed(seed)), LAYER,
+                   alpha, where)
+
+
+def generation_time_logits(model, tok, row, teacher):
+    """The teacher's logits for each completion token as generate() computes them: the
+    prompt in one pass, then one token per pass with the KV cache, under the same hook."""
+    prompt, completion = tok.encode_chat(row["prompt"]), tok.encode(row["completion"])
+    completion = completion + [tok.eos_id]
+    cache = KVCache(model.cfg, 1, len(prompt) + len(completion), "cpu", torch.float32)
+    out = []
+    with torch.no_grad(), teacher.steer(model):
+        logits, _ = model(torch.tensor([prompt]), cache=cache, last_only=True)
+        out.append(logits[0, -1])
+        for token in completion[:-1]:
+            logits, _ = model(torch.tensor([[token]]), cache=cache, last_only=True)
+            out.append(logits[0, -1])
+    return torch.stack(out)                                        # (len(completion), vocab)
+
+
+@pytest.mark.parametrize("where", ["all", "prompt"])
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_training_teacher_equals_the_generating_teacher(tiny_pair, where, cache_prefix):
+    """The soft labels computed once (from a cached prefix or a full pass) are the logits the
+    teacher had while it wrote each row: --where prompt distils the prompt-steered teacher."""
+    model, tok = tiny_pair
+    teacher = teacher_for(where)
+    for row in ROWS:
+        [batch] = prepare_batches(model, tok, [row], teacher, 4, cache_prefix, progress=False)
+        expected = generation_time_logits(model, tok, row, teacher)        # (N, vocab)
+        numbers = number_tokens(tok)
+        torch.testing.assert_close(batch.teacher_logits(model, True), expected[:, numbers],
+                                   atol=1e-4, rtol=1e-4)
+        full = batch.teacher_logits(model, False)
+        torch.testing.assert_close(full, expected, atol=1e-4, rtol=1e-4)
+    other = teacher_for("all" if where == "prompt" else "prompt")
+    [batch] = prepare_batches(model, tok, ROWS[:1], other, 4, cache_prefix, progress=False)
+    assert not torch.allclose(batch.teacher_logits(model, True),
+                              generation_time_logits(model, tok, ROWS[0], teacher)[:, numbers],
+                              atol=1e-3)  # the position mode matters
+
+
+def test_cached_prefix_student_equals_the_full_forward(tiny_pair):
+    model, tok = tiny_pair
+    teacher = teacher_for("all")
+    cached = prepare_batches(model, tok, ROWS, teacher, 2, cache_prefix=True, progress=False)
+    plain = prepare_batches(model, tok, ROWS, teacher, 2, cache_prefix=False, progress=False)
+    student = Student(model, "vector", LAYER)
+    with torch.no_grad():
+        student.vector.copy_(torch.randn(32))
+    for a, b in zip(cached, plain, strict=True):
+        assert a.prefix is not None and b.prefix is None
+        for loss in ("kl_numbers", "kl_full"):
+            torch.testing.assert_close(student_logits(student, model, a, loss),
+                                       student_logits(student, model, b, loss))
+        torch.testing.assert_close(a.teacher_final, b.teacher_final)
+
+
+def test_batches_round_trip_through_a_file(tmp_path, tiny_pair):
+    model, tok = tiny_pair
+    batches = prepare_batches(model, tok, ROWS, teacher_for("all"), 2, True, progress=False)
+    save_batches(tmp_path / "b.safetensors", batches)
+    again = load_batches(tmp_path / "b.safetensors", "cpu")
+    assert len(again) == len(batches)
+    for a, b in zip(batches, again, strict=True):
+        assert a.number_ids == b.number_ids
+        for name in ("ids", "mask", "targets", "prompt_mask", "prefix", "teacher_final"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+
+
+def test_batches_group_rows_by_length(tiny_pair):
+    model, tok = tiny_pair
+    rows = [{"prompt": "x" * n, "completion": "1"} for n in (30, 1, 29, 2)]
+    batches = prepare_batches(model, tok, rows, teacher_for("all"), 2, progress=False)
+    assert [int(b.mask.sum()) for b in batches] == sorted(int(b.mask.sum()) for b in batches)
+    assert all((b.mask == 0).sum() <= 2 for b in batches)  # little padding
+
+
+def test_the_control_student_has_something_to_learn(tiny_pair):
+    """Under a KL loss the unsteered teacher is the student's own starting point (zero
+    gradient); the random-vector control teacher is not."""
+    model, tok = tiny_pair
+    for alpha, learns in ((0.0, False), (3.0, True)):
+        [batch] = prepare_batches(model, tok, ROWS, teacher_for("all", alpha, seed=7), 4,
+                                  True, progress=False)
+        student = Student(model, "vector", LAYER)
+        loss = distillation_loss(student_logits(student, model, batch, "kl_numbers"),
+                                 batch.teacher_logits(model, True), None, "kl_numbers")
+        loss.backward()
+        assert (student.vector.grad.norm().item() > 1e-4) == learns
+
+
+def test_a_vector_student_learns_its_teachers_vector(tiny_pair):
+    model, tok = tiny_pair
+    teacher = teacher_for("all", alpha=1.0)
+    cfg = StudentConfig(kind="vector", layer=LAYER, opt="adam", lr=0.05, loss="kl_numbers",
+                        steps=60, batch_size=3, eval_every=10)
+
+    def track(student):
+        return {"cos": torch.cosine_similarity(student.vector.detach(), teacher.vector,
+                                               dim=0).item()}
+    student, history = train_student(model, tok, ROWS, teacher, cfg, track, progress=False)
+    assert history[-1]["cos"] > 0.3 and history[-1]["loss"] < history[1]["loss"] / 2
+
+
+@pytest.mark.parametrize("c", [0.5, 2.0, -1.0])
+def test_alignment_measures_on_a_constructed_student(tiny_pair, c):
+    """A student shifted by exactly c * v at the teacher's block: projection c / alpha,
+    EAS 1 (or -1), and its shift minus a control's shift along v is along v."""
+    model, tok = tiny_pair
+    teacher = teacher_for("all", alpha=4.0)
+    m = Measurer(model, tok, teacher, "owl", eas_prompts=3, trait_questions=2)
+    student = Student(model, "vector", LAYER)
+    with torch.no_grad():
+        student.vector.copy_(c * teacher.vector)
+    h = m.track(student)
+    assert h["projection"] == pytest.approx(c / 4.0, rel=1e-4)
+    assert h["eas"] == pytest.approx(1.0 if c > 0 else -1.0, abs=1e-5)
+    assert h["shift_norm"] == pytest.approx(abs(c) * teacher.vector.norm().item(), rel=1e-4)
+    drift = torch.randn(32)
+    history = [{"step": 0, "shift": [0.0] * 32},
+               {"step": 1, "shift": (drift + 3 * teacher.vector).tolist()}]
+    control = [{"step": 0, "shift": [0.0] * 32}, {"step": 1, "shift": drift.tolist()}]
+    assert difference_alignment(history, control, teacher.vector) == [pytest.approx(1.0)]
+
+
+def test_make_batch_marks_the_prompt():
+    _, _, targets, prompt = make_batch([([1, 2], [3, 4])], "cpu")
+    assert prompt.tolist() == [[True, True, False, False]]
+    assert targets.tolist() == [[-100, 3, 4, -100]]
