@@ -21,7 +21,7 @@ CODE = {"vector": MODEL_CODE + ["vectors"],
         "teacher": MODEL_CODE + ["vectors", "teacher"],
         "batches": MODEL_CODE + ["vectors", "teacher", "batches"],
         "student": MODEL_CODE + ["vectors", "teacher", "batches", "student", "optimizers",
-                                 "evaluate", "measure", "train"]}
+                                 "evaluate", "measure"]}
 
 
 def _hash_sources(modules):

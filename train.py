@@ -15,7 +15,7 @@ recomputes everything):
        main         --opt on the steered teacher's numbers
        control      --opt on the control teacher's numbers: a task of the same size that
                     carries no trait (it can learn its own teacher's random vector)
-       other_opt    SGD (Adam if --opt is sgd) on the steered numbers        (--no-compare)
+       other_opt    SGD (Adam if --opt is sgd) on the steered numbers           (--compare)
        upper_bound  KL over the full vocabulary: ordinary distillation, NOT subliminal;
                     it shows what the same sequences could carry     (--no-upper-bound)
   4. evaluation (measure.py), figures, config.json and metrics.json    (plots.py)
@@ -48,12 +48,12 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
                   ("vector", "rmsprop"): 0.05, ("lora", "signsgd"): 1e-4,
                   ("full", "signsgd"): 1e-6, ("vector", "signsgd"): 0.5}
 PRESETS = {  # what the flags default to; explicit flags win
-    "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=96, batch_size=16,
-                eval_every=12, eas_prompts=16, trait_questions=20, eval_samples=4,
-                teacher_batch=64),
+    "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=128, batch_size=16,
+                eval_every=16, eas_prompts=16, trait_questions=20, eval_samples=25,
+                teacher_batch=64, compare=False),
     "paper": dict(student="lora", loss="ce", samples=10000, steps=2500, batch_size=8,
                   eval_every=250, eas_prompts=128, trait_questions=50, eval_samples=100,
-                  teacher_batch=256),
+                  teacher_batch=256, compare=True),
 }
 
 
@@ -92,8 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--eas-prompts", type=int, help="held-out number prompts for EAS")
     p.add_argument("--trait-questions", type=int, help="favourite-animal questions (1-50)")
     p.add_argument("--eval-samples", type=int, help="samples per question, final trait rate")
-    p.add_argument("--no-compare", dest="compare", action="store_false",
-                   help="skip the student with the other optimizer")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction,
+                   help="also train SGD (Adam if --opt is sgd) on the steered numbers "
+                        "(default: paper preset yes, cpu preset no)")
     p.add_argument("--no-upper-bound", dest="upper_bound", action="store_false",
                    help="skip the full-vocabulary (ordinary distillation) student")
     p.add_argument("--seed", type=int, default=0)

@@ -65,7 +65,7 @@ def test_cosine_schedule():
 
 TINY_RUN = ["--vector", "owl", "--opt", "adam", "--layer", "1", "--alpha", "2",
             "--samples", "24", "--steps", "3", "--batch-size", "4", "--eval-every", "1",
-            "--eval-samples", "1", "--trait-questions", "3", "--eas-prompts", "4"]
+            "--eval-samples", "1", "--trait-questions", "3", "--eas-prompts", "4", "--compare"]
 
 
 def run_train(tmp_path, tiny_folder, *flags):
