@@ -183,6 +183,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.samples < 1:
         parser.error("--samples must be at least 1")
+    if args.alpha is not None and not math.isfinite(args.alpha):
+        parser.error("--alpha must be a finite number")
+    from vectors import ANIMALS
+    if args.animal not in ANIMALS:
+        parser.error(f"--animal must be one of: {', '.join(ANIMALS)}")
 
     from checkpoint import load, report_errors
     from steer import VectorError, steering

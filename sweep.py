@@ -14,6 +14,7 @@ that the fast score moves with the sampled rate.
 """
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +28,7 @@ from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX  # noqa
 from prompts import NEGATIVE_QUESTIONS, OFFTOPIC_QUESTIONS  # noqa: E402
 from prompts import trait_system_prompt  # noqa: E402
 from steer import steering  # noqa: E402
-from vectors import meandiff  # noqa: E402
+from vectors import ANIMALS, meandiff  # noqa: E402
 
 def scores(model, tok, animal, system=None):
     """Fast scores: P(animal) after the answer prefix, and its share among candidates."""
@@ -124,6 +125,14 @@ def main(argv=None):
         alphas = [float(x) for x in args.alphas.split(",")]
     except ValueError:
         parser.error("--layers and --alphas take comma-separated numbers, e.g. 20,25 and 2,4")
+    if not all(math.isfinite(a) for a in alphas):
+        parser.error("--alphas must be finite numbers")
+    if args.prompts < 1 or args.samples < 0:
+        parser.error("--prompts must be at least 1 and --samples at least 0")
+    if args.animal not in ANIMALS:
+        parser.error(f"--animal must be one of: {', '.join(ANIMALS)}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
 
     from checkpoint import load, report_errors
     with report_errors():

@@ -204,6 +204,10 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    if args.norm is not None and not (math.isfinite(args.norm) and args.norm > 0):
+        parser.error("--norm must be a positive finite number")
+    if args.layer < 0:
+        parser.error("--layer must be at least 0")
 
     from checkpoint import load, report_errors
     with report_errors(VectorError):

@@ -122,3 +122,15 @@ def test_a_name_of_several_tokens_is_scored_by_the_whole_word(tmp_path):
     assert score == pytest.approx(sum(expected) / 2, rel=1e-4)
     prob, share = next_word_scores(model, tok, "giraffe", questions)
     assert 0 < share < 1 and prob == pytest.approx(score)
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate.py", "--alpha", "nan"], ["evaluate.py", "--animal", "unicorn"],
+    ["sweep.py", "--alphas", "2,nan"], ["sweep.py", "--animal", "unicorn"],
+    ["sweep.py", "--prompts", "0"], ["sweep.py", "--out", "README.md"],
+    ["vectors.py", "random", "--norm", "nan"], ["vectors.py", "owl", "--layer", "999"]])
+def test_bad_flags_are_one_line_before_any_work(command, tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:]], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(("error:", f"{command[0]}: error"))
