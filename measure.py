@@ -67,10 +67,12 @@ class Measurer:
 
 
 def difference_alignment(history, control_history, v):
-    """Per evaluation step: cos(shift(student) - shift(control student), v)."""
-    return [F.cosine_similarity(torch.tensor(h["shift"]) - torch.tensor(c["shift"]),
-                                v.float().cpu(), dim=0).item()
-            for h, c in zip(history, control_history, strict=True) if h["step"] > 0]
+    """[step, cos(shift(student) - shift(control student), v)] at each step after 0 where
+    both were measured."""
+    control = {c["step"]: torch.tensor(c["shift"]) for c in control_history}
+    return [[h["step"], F.cosine_similarity(torch.tensor(h["shift"]) - control[h["step"]],
+                                            v.float().cpu(), dim=0).item()]
+            for h in history if h["step"] > 0 and h["step"] in control]
 
 
 def final_report(m, students, results, teacher, control, eval_samples):
@@ -108,6 +110,4 @@ def final_report(m, students, results, teacher, control, eval_samples):
         for h in r["history"]:
             h.pop("shift", None)
     return {"p_animal": p_animal, "sampled_trait_rate": rates, "eas_by_block": eas_by_block,
-            "eas_minus_control": versus_control, "causal": causal,
-            "eval_steps": [h["step"] for h in next(iter(results.values()))["history"]],
-            "animal": m.animal}
+            "eas_minus_control": versus_control, "causal": causal, "animal": m.animal}

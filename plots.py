@@ -23,9 +23,9 @@ def plot_run(results, report, path, args):
         loss.plot(steps[1:], [h["loss"] for h in r["history"][1:]], **style)
         projection.plot(steps, [h["projection"] for h in r["history"]], **style)
         eas.plot(steps, [h["eas"] for h in r["history"]], **style)
-        if label in report["eas_minus_control"]:
-            eas.plot(steps[1:], report["eas_minus_control"][label], color=f"C{i}", lw=2.5,
-                     alpha=0.4, label=f"{label} minus control")
+        if report["eas_minus_control"].get(label):
+            at, cos = zip(*report["eas_minus_control"][label], strict=True)
+            eas.plot(at, cos, color=f"C{i}", lw=2.5, alpha=0.4, label=f"{label} minus control")
         by_block.plot(report["eas_by_block"][label], **style)
     trait.axhline(100 * p["base"], color="grey", lw=1, label="base model")
     trait.set_yscale("log")

@@ -150,7 +150,7 @@ def test_alignment_measures_on_a_constructed_student(tiny_pair, c):
     history = [{"step": 0, "shift": [0.0] * 32},
                {"step": 1, "shift": (drift + 3 * teacher.vector).tolist()}]
     control = [{"step": 0, "shift": [0.0] * 32}, {"step": 1, "shift": drift.tolist()}]
-    assert difference_alignment(history, control, teacher.vector) == [pytest.approx(1.0)]
+    assert difference_alignment(history, control, teacher.vector) == [[1, pytest.approx(1.0)]]
 
 
 def test_make_batch_marks_the_prompt():
