@@ -30,6 +30,7 @@ import torch
 
 from batches import load_batches, prepare_batches, save_batches
 from cache import Stage, code_version
+from gradients import gradient_diagnostic
 from measure import Measurer, final_report
 from optimizers import OPTIMIZERS
 from steer import VectorError
@@ -50,10 +51,10 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
 PRESETS = {  # what the flags default to; explicit flags win
     "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=128, batch_size=16,
                 eval_every=16, eas_prompts=16, trait_questions=20, eval_samples=25,
-                teacher_batch=64, compare=False, upper_bound_steps=32),
+                teacher_batch=64, compare=False, upper_bound_steps=32, gradient_rows=0),
     "paper": dict(student="lora", loss="ce", samples=10000, steps=2500, batch_size=8,
                   eval_every=250, eas_prompts=128, trait_questions=50, eval_samples=100,
-                  teacher_batch=256, compare=True, upper_bound_steps=None),
+                  teacher_batch=256, compare=True, upper_bound_steps=None, gradient_rows=512),
 }
 
 
@@ -100,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--upper-bound-steps", type=int, help="its steps (cpu preset: 32, as a "
                    "full-vocabulary step costs 3 times more and it converges fast; "
                    "paper preset: --steps)")
+    p.add_argument("--gradient-rows", type=int, help="rows per dataset for the gradient "
+                   "diagnostic (gradients.py; 0 = skip; cpu preset 0, paper 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="recompute every stage, reuse nothing")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
@@ -114,6 +117,8 @@ def parse_args(argv=None):
                 "eas_prompts", "trait_questions", "eval_samples", "upper_bound_steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.gradient_rows < 0:
+        p.error("--gradient-rows must be at least 0")
     if args.trait_questions > 50:
         p.error("--trait-questions must be at most 50 (there are 50 questions)")
     for key in ("alpha", "lr", "lora_scale", "epochs"):
@@ -252,6 +257,12 @@ def run(args):
                                        {"steered": steered, "control": control}, data,
                                        measurer)
     report = final_report(measurer, students, results, steered, control, args.eval_samples)
+    rows = min(args.gradient_rows, len(data["steered"]["rows"]), len(data["control"]["rows"]))
+    if rows:
+        counts = sorted({n for n in (1, 4, 16, 64, 256, 1024) if n < rows} | {rows})
+        report["gradient_diagnostic"] = gradient_diagnostic(
+            model, tok, data["steered"]["rows"], data["control"]["rows"], args.layer,
+            steered.vector, counts)
     return {"model": model, "teacher": steered, "vector_meta": vector_meta, "data": data,
             "students": students, "results": results, "report": report,
             "seconds": time.time() - t0}

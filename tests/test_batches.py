@@ -4,7 +4,8 @@ constructed students."""
 import pytest
 import torch
 
-from batches import load_batches, make_batch, number_tokens, prepare_batches, save_batches
+from batches import (encode_rows, load_batches, make_batch, number_tokens, prepare_batches,
+                     save_batches)
 from checkpoint import load
 from measure import Measurer, difference_alignment
 from model import KVCache
@@ -157,3 +158,23 @@ def test_make_batch_marks_the_prompt():
     _, _, targets, prompt = make_batch([([1, 2], [3, 4])], "cpu")
     assert prompt.tolist() == [[True, True, False, False]]
     assert targets.tolist() == [[-100, 3, 4, -100]]
+
+
+def test_completion_gradient_is_the_gradient_along_the_last_prompt_token(tiny_pair):
+    """The same number by another road: the gradient with respect to a vector added by the
+    steering hook at the last prompt token only."""
+    from gradients import completion_gradients, gradient_diagnostic
+    from steer import steering
+    model, tok = tiny_pair
+    grads = completion_gradients(model, tok, ROWS, LAYER)                 # (3, d)
+    for row, grad in zip(ROWS, grads, strict=True):
+        [(prompt, completion)] = encode_rows(tok, [row])
+        ids, mask, targets, prompt_mask = make_batch([(prompt, completion)], "cpu")
+        u = torch.zeros(32, requires_grad=True)
+        with steering(model, LAYER, u, where="last_prompt", prompt_mask=prompt_mask):
+            _, loss = model(ids, targets=targets, attention_mask=mask)
+        torch.testing.assert_close(grad, torch.autograd.grad(loss, [u])[0])
+    v = torch.randn(32)
+    result = gradient_diagnostic(model, tok, ROWS, ROWS[::-1], LAYER, v, [1, 2])
+    expected = torch.cosine_similarity(grads[:2].mean(0) - grads[[2, 1]].mean(0), v, dim=0)
+    assert set(result) == {1, 2} and result[2] == pytest.approx(expected.item(), abs=1e-5)

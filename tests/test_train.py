@@ -65,7 +65,8 @@ def test_cosine_schedule():
 
 TINY_RUN = ["--vector", "owl", "--opt", "adam", "--layer", "1", "--alpha", "2",
             "--samples", "24", "--steps", "3", "--batch-size", "4", "--eval-every", "1",
-            "--eval-samples", "1", "--trait-questions", "3", "--eas-prompts", "4", "--compare"]
+            "--eval-samples", "1", "--trait-questions", "3", "--eas-prompts", "4", "--compare",
+            "--gradient-rows", "2"]
 
 
 def run_train(tmp_path, tiny_folder, *flags):
@@ -89,6 +90,7 @@ def test_train_end_to_end_in_seconds(tmp_path, tiny_folder):
     assert metrics["keep_rate"] == {"steered": 1.0, "control": 1.0}  # the grammar's lists
     assert set(metrics["eas_minus_control"]) == {"main", "other_opt", "upper_bound"}
     assert len(metrics["eas_by_block"]["main"]) == 2  # every block of the tiny model
+    assert set(metrics["gradient_diagnostic"]) == {"1", "2"}
     assert config["vector"] == "owl" and config["layer"] == 1
     for figure in ("training.png", "datasets.png"):
         assert (tmp_path / "run" / figure).stat().st_size > 10_000
@@ -141,7 +143,7 @@ def test_lr_applies_to_the_chosen_optimizer_only(tmp_path, tiny_folder):
     (["--lr", "nan"], "finite"), (["--lr", "-1"], "positive"),
     (["--trait-questions", "0"], "at least 1"), (["--trait-questions", "51"], "at most 50"),
     (["--eas-prompts", "0"], "at least 1"), (["--animal", "unicorn"], "--animal must be"),
-    (["--out", "README.md"], "is a file"),
+    (["--out", "README.md"], "is a file"), (["--gradient-rows", "-3"], "at least 0"),
     *([(["--device", "cuda"], "no CUDA")] if not torch.cuda.is_available() else [])])
 def test_bad_input_is_one_line(flags, message):
     run = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True,
