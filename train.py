@@ -112,10 +112,9 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.upper_bound_steps = args.upper_bound_steps or args.steps
     for key in ("samples", "steps", "batch_size", "teacher_batch", "eval_every", "rank",
                 "eas_prompts", "trait_questions", "eval_samples", "upper_bound_steps"):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.gradient_rows < 0:
         p.error("--gradient-rows must be at least 0")
@@ -188,7 +187,8 @@ def student_plan(args):
         plan["other_opt"] = ("steered", config("sgd" if args.opt != "sgd" else "adam",
                                                args.loss))
     if args.upper_bound:
-        plan["upper_bound"] = ("steered", config(args.opt, "kl_full", args.upper_bound_steps))
+        steps = args.upper_bound_steps or args.steps
+        plan["upper_bound"] = ("steered", config(args.opt, "kl_full", steps))
     return plan
 
 
