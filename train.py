@@ -21,6 +21,7 @@ recomputes everything):
   4. evaluation (measure.py), figures, config.json and metrics.json    (plots.py)
 """
 import argparse
+import json
 import math
 import time
 from dataclasses import asdict
@@ -298,7 +299,6 @@ def main(argv=None):
 
 
 def write_json(path, value):
-    import json
     path.write_text(json.dumps(value, indent=2, default=str, allow_nan=False))
 
 
