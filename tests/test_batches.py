@@ -48,7 +48,7 @@ def generation_time_logits(model, tok, row, teacher):
     return torch.stack(out)                                        # (len(completion), vocab)
 
 
-@pytest.mark.parametrize("where", ["all", "prompt"])
+@pytest.mark.parametrize("where", ["all", "prompt", "generated", "last_prompt"])
 @pytest.mark.parametrize("cache_prefix", [False, True])
 def test_training_teacher_equals_the_generating_teacher(tiny_pair, where, cache_prefix):
     """The soft labels computed once (from a cached prefix or a full pass) are the logits the
