@@ -26,10 +26,11 @@ def number_tokens(tok):
     return sorted(ids)
 
 
-def encode_rows(tok, rows):
-    """(prompt ids with the default system prompt, completion ids + end token) per row."""
-    return [(tok.encode_chat(r["prompt"]), tok.encode(r["completion"]) + [tok.eos_id])
-            for r in rows]
+def encode_rows(tok, rows, teacher=None):
+    """(prompt ids, completion ids + end token) per row: the prompt as the student reads it
+    (the default system prompt), or as `teacher` read it (teacher.Teacher.prompt_ids)."""
+    return [(teacher.prompt_ids(tok, r["prompt"]) if teacher else tok.encode_chat(r["prompt"]),
+             tok.encode(r["completion"]) + [tok.eos_id]) for r in rows]
 
 
 def make_batch(examples, device):
@@ -83,19 +84,27 @@ class Batch:
 def prepare_batches(base, tok, rows, teacher, batch_size, cache_prefix=False, progress=True):
     """The rows in batches of up to batch_size, grouped by length; each with the teacher's
     final hidden state at its loss positions, and (cache_prefix, for a vector student at the
-    teacher's block) the unsteered residual after that block."""
+    teacher's block) the unsteered residual after that block. A teacher with its own system
+    prompt (or ablation) reads the rows as it did when it wrote them: its prompt, the same
+    completion; a completion's positions are the last columns of both left-padded batches."""
     device = base.embed.weight.device
-    examples = sorted(encode_rows(tok, rows), key=lambda e: len(e[0]) + len(e[1]))
+    pairs = zip(encode_rows(tok, rows), encode_rows(tok, rows, teacher), strict=True)
+    pairs = sorted(pairs, key=lambda p: len(p[0][0]) + len(p[0][1]))  # by the student's length
     numbers = number_tokens(tok)
     batches = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets",
+    for start in tqdm(range(0, len(pairs), batch_size), desc="teacher targets",
                       disable=not progress):
-        batch = Batch(*make_batch(examples[start:start + batch_size], device), numbers)
+        chunk = pairs[start:start + batch_size]
+        batch = Batch(*make_batch([student for student, _ in chunk], device), numbers)
         if cache_prefix:
             with torch.no_grad():  # blocks 0..L, unsteered: (B, T, d)
                 batch.prefix = base.run_blocks(base.embed(batch.ids), batch.mask,
                                                last=teacher.layer + 1)
-        batch.teacher_final = batch.teacher_hidden(base, teacher)[batch.targets != -100]
+        if teacher.changes_inputs:  # the teacher's own view of the same rows
+            view = Batch(*make_batch([seen for _, seen in chunk], device), numbers)
+            batch.teacher_final = view.teacher_hidden(base, teacher)[view.targets != -100]
+        else:
+            batch.teacher_final = batch.teacher_hidden(base, teacher)[batch.targets != -100]
         batches.append(batch)
     return batches
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from evaluate import fast_trait_score, mean_residuals, trait_rate
 from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, number_prompts, trait_system_prompt
 from steer import steering
+from teacher import vector_hash
 
 
 class Measurer:
@@ -33,7 +34,9 @@ class Measurer:
         self.v = teacher.vector.float().to(self.base_means.device)               # (d,)
 
     def describe(self):
-        return self.settings
+        """What determines the measurements (the vector they are taken against, by hash)."""
+        return {**self.settings, "vector": vector_hash(self.teacher.vector),
+                "layer": self.teacher.layer, "alpha": self.teacher.alpha}
 
     def shifts(self, student, layers):
         """(len(layers), d): the student's mean residual shift from the base model."""

@@ -103,11 +103,17 @@ def AdamW(params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
     return Adam(params, lr, betas, eps, weight_decay, decoupled=True)
 
 
-OPTIMIZERS = {"adam": Adam, "adamw": AdamW, "sgd": SGD, "rmsprop": RMSProp, "signsgd": SignSGD}
+def SGDMomentum(params, lr, momentum=0.9, weight_decay=0.0):
+    """SGD with heavy-ball momentum 0.9: the same direction as SGD, averaged over steps."""
+    return SGD(params, lr, momentum, weight_decay)
+
+
+OPTIMIZERS = {"adam": Adam, "adamw": AdamW, "sgd": SGD, "sgdm": SGDMomentum,
+              "rmsprop": RMSProp, "signsgd": SignSGD}
 
 
 def make_optimizer(name, params, lr, **options):
-    """An optimizer by name: adam, adamw, sgd, rmsprop or signsgd."""
+    """An optimizer by name: adam, adamw, sgd, sgdm (momentum 0.9), rmsprop or signsgd."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}' (choose from {', '.join(OPTIMIZERS)})")
     return OPTIMIZERS[name](params, lr, **options)

@@ -17,6 +17,7 @@ sidecar .meta.json with everything that produced it (model, vector hash, layer, 
 seed). Rows are written batch by batch with a seed per batch, so an interrupted run resumes
 where it stopped and the file equals an uninterrupted run's: same seed, same dataset.
 """
+import contextlib
 import hashlib
 import json
 import re
@@ -33,21 +34,43 @@ from steer import steering
 @dataclass
 class Teacher:
     """The base model steered by alpha * vector after block `layer`, at positions `where`
-    (steer.py); alpha 0 is the unsteered model."""
+    (steer.py); alpha 0 is the unsteered model. Two more kinds of teacher, for the paper's
+    main experiment and its necessity test (experiments.py):
+      system   a system prompt in place of the default one while it writes (the original
+               subliminal learning: the trait is in the prompt; the student never sees it)
+      ablate   blocks after which v/|v| is projected out of the residual stream
+               (h <- h - (h . v^) v^), so the teacher cannot use the vector's direction"""
     vector: torch.Tensor  # (d_model,) the steering vector v
     layer: int            # the block whose output is steered
     alpha: float          # the scale: h_layer <- h_layer + alpha * v
     where: str = "all"    # which positions: all, prompt, generated or last_prompt
+    system: str = None    # the teacher's system prompt (None: the template's default one)
+    ablate: tuple = ()    # blocks after which the direction of v is projected out
 
+    @contextlib.contextmanager
     def steer(self, model, prompt_mask=None):
-        """The context in which `model` is this teacher."""
-        return steering(model, self.layer, self.vector, self.alpha, where=self.where,
-                        prompt_mask=prompt_mask)
+        """The context in which `model` is this teacher (its hooks; the system prompt is
+        part of the teacher's input instead: see prompt_ids)."""
+        with contextlib.ExitStack() as hooks:
+            hooks.enter_context(steering(model, self.layer, self.vector, self.alpha,
+                                         where=self.where, prompt_mask=prompt_mask))
+            for block in self.ablate:  # after the addition when both hook the same block
+                hooks.enter_context(steering(model, block, self.vector, mode="project_out"))
+            yield
+
+    def prompt_ids(self, tok, user):
+        """The token ids of one prompt as this teacher reads it."""
+        return tok.encode_chat(user, system=self.system)
+
+    @property
+    def changes_inputs(self):
+        """True if the teacher sees something besides the student's tokens + its vector."""
+        return self.system is not None or bool(self.ablate)
 
     def describe(self):
         """What determines the teacher, as JSON-able values (the vector by its hash)."""
         return {"vector": vector_hash(self.vector), "layer": self.layer, "alpha": self.alpha,
-                "where": self.where}
+                "where": self.where, "system": self.system, "ablate": list(self.ablate)}
 
 
 NUMBER_LIST = re.compile(r"\d+(?:(?P<sep>\s*[,;]\s*|\s+)\d+)*")
@@ -175,7 +198,7 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
         if stop_after is not None and done == stop_after:
             break
         batch = prompts[start:start + batch_size]
-        ids = [tok.encode_chat(p) for p in batch]
+        ids = [teacher.prompt_ids(tok, p) for p in batch]
         grammar = (NumberListGrammar(tok, len(ids), model.cfg.vocab_size)
                    if mode == "constrained" else None)
         with teacher.steer(model):

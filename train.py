@@ -42,13 +42,15 @@ from vectors import ANIMALS, DEFAULTS, check_vector_name, random_vector, resolve
 # Learning rates per (student, optimizer); --lr overrides it for --opt's students only.
 # Adaptive optimizers take steps of about lr per coordinate; SGD's steps scale with the raw
 # gradient, so its lr is set for steps of a similar size. The adamw, rmsprop and signsgd
-# defaults are starting points that were not tuned here.
+# defaults are starting points that were not tuned here; sgdm (momentum 0.9) takes a tenth
+# of SGD's, as its steps add up to about ten gradients.
 LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam"): 1e-5,
                   ("full", "sgd"): 1e-2, ("vector", "adam"): 0.5, ("vector", "sgd"): 2000.0,
                   ("lora", "adamw"): 1e-3, ("full", "adamw"): 1e-5, ("vector", "adamw"): 0.5,
                   ("lora", "rmsprop"): 1e-4, ("full", "rmsprop"): 1e-6,
                   ("vector", "rmsprop"): 0.05, ("lora", "signsgd"): 1e-4,
-                  ("full", "signsgd"): 1e-6, ("vector", "signsgd"): 0.5}
+                  ("full", "signsgd"): 1e-6, ("vector", "signsgd"): 0.5,
+                  ("lora", "sgdm"): 0.01, ("full", "sgdm"): 1e-3, ("vector", "sgdm"): 200.0}
 PRESETS = {  # what the flags default to; explicit flags win
     "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=128, batch_size=16,
                 eval_every=16, eas_prompts=16, trait_questions=20, eval_samples=25,
@@ -210,10 +212,11 @@ def teacher_targets(args, model, tok, teacher, data, label, batch_size, cache_pr
     return batches
 
 
-def train_students(args, model, tok, teachers_by_data, data, measurer):
-    """Stage 3: every student of the plan, each cached in runs/students/ by its inputs."""
+def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
+    """Stage 3: every student of the plan ({label: (dataset, StudentConfig)}, student_plan),
+    each cached in runs/students/ by its inputs."""
     students, results, batches = {}, {}, {}
-    for label, (dataset, cfg) in student_plan(args).items():
+    for label, (dataset, cfg) in plan.items():
         teacher = teachers_by_data[dataset]
         inputs = {"config": asdict(cfg), "data": data[dataset]["path"],
                   "teacher": teacher.describe(), "measure": measurer.describe(),
@@ -254,7 +257,7 @@ def run(args):
         args.steps = max(1, round(args.epochs * len(data["steered"]["rows"]) / args.batch_size))
     measurer = Measurer(model, tok, steered, args.animal, args.eas_prompts,
                         args.trait_questions, args.seed)
-    students, results = train_students(args, model, tok,
+    students, results = train_students(args, model, tok, student_plan(args),
                                        {"steered": steered, "control": control}, data,
                                        measurer)
     report = final_report(measurer, students, results, steered, control, args.eval_samples)

@@ -1,0 +1,242 @@
+"""Experiments on the optimizer question: optimizers, mechanism (experiments.py).
+
+optimizers  students on the same steered numbers with Adam, AdamW, RMSProp, sign-SGD, SGD and
+            SGD with momentum, each at three learning rates (a quarter of, equal to, and four
+            times train.py's default), compared at MATCHED training loss: the final loss over
+            the whole dataset, against P(owl). Optionally (--full) full fine-tuning with Adam
+            and SGD. The CPU preset's students are single vectors (a LoRA step takes about
+            8 s on 2 cores); the paper preset's are LoRA.
+mechanism   no training. At the base model, the gradient g of the loss on the steered rows
+            (and on the control rows) with respect to the weights of blocks 0..L; one SGD
+            step (-g, rescaled) and one Adam-like step (-sign g: Adam's first step) of the
+            same size; how each moves the mean residual after block L on held-out prompts
+            (cosine with v); the share of |g|^2 held by the top 1% of coordinates. Then the
+            activation-gradient diagnostic (gradients.py) pooled over more and more rows,
+            with the band that random directions give.
+"""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import train  # noqa: E402
+from batches import encode_rows, make_batch  # noqa: E402
+from evaluate import mean_residuals  # noqa: E402
+from gradients import gradient_diagnostic  # noqa: E402
+from lab import interval, summarize  # noqa: E402
+from student import distillation_loss, student_logits  # noqa: E402
+
+OPTS = ["adam", "adamw", "rmsprop", "signsgd", "sgd", "sgdm"]
+LR_FACTORS = (0.25, 1.0, 4.0)
+
+
+def data_loss(lab, student, batches, loss):
+    """The student's mean loss over every batch of its dataset (not one noisy minibatch)."""
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            logits = student_logits(student, lab.model, batch, loss)
+            teacher = None if loss == "ce" else batch.teacher_logits(lab.model,
+                                                                     loss == "kl_numbers")
+            total += distillation_loss(logits, teacher, batch.targets[batch.targets != -100],
+                                       loss).item()
+    return total / len(batches)
+
+
+def optimizers(lab, args):
+    s = lab.settings(0)
+    teacher = lab.teacher("steered")
+    data = {"steered": lab.data(s, teacher, "steered")}
+    m = lab.measurer(s, teacher)
+    plan = {}
+    for opt in OPTS:
+        default = train.LEARNING_RATES[(s.student, opt)]
+        for factor in LR_FACTORS:
+            plan[f"{opt} lr {default * factor:g}"] = ("steered", lab.config(s, opt,
+                                                                           default * factor))
+    full = args.full if args.full is not None else args.preset == "paper"
+    if full:
+        for opt in ("adam", "sgd"):
+            plan[f"full {opt}"] = ("steered", lab.config(s, opt, kind="full"))
+    students, results = lab.students(s, plan, {"steered": teacher}, data, m)
+    batches = {kind: train.teacher_targets(s, lab.model, lab.tok, teacher, data["steered"],
+                                           "steered", s.batch_size, kind == "vector")
+               for kind in {cfg.kind for _, cfg in plan.values()}}
+    runs = {}
+    for label, (_, cfg) in plan.items():
+        summary = summarize(m, students[label], results[label]["history"], lab.vector)
+        summary.pop("final_shift")
+        for h in summary["curve"]:
+            h.pop("shift")
+        runs[label] = {"opt": cfg.opt, "kind": cfg.kind, "lr": cfg.lr, **summary,
+                       "data_loss": data_loss(lab, students[label], batches[cfg.kind],
+                                              cfg.loss)}
+    base = m.p_animal(lab.model)
+    target = runs[f"adam lr {train.LEARNING_RATES[(s.student, 'adam')]:g}"]["data_loss"]
+    chosen = {}
+    for opt in OPTS:  # the run whose loss is closest to Adam's default (in log scale)
+        mine = [r for r in runs.values() if r["opt"] == opt and r["kind"] == s.student
+                and math.isfinite(r["data_loss"])]
+        chosen[opt] = min(mine, key=lambda r: abs(math.log(r["data_loss"] / target)))
+    for label in plan:
+        if label.startswith("full"):
+            chosen[label] = runs[label]
+    seeds = seed_spread(lab, args, chosen)
+    plot_optimizers(runs, chosen, base, args.out / "figure.png")
+    return {"base_p_animal": base, "matched_loss_target": target, "runs": runs,
+            "chosen": chosen, "seeds": seeds,
+            "note": "chosen: per optimizer, the learning rate whose final loss over the whole"
+                    " dataset is closest to Adam's at its default learning rate"}
+
+
+def seed_spread(lab, args, chosen):
+    """Adam and SGD at their matched settings, over args.seeds seeds (new data each)."""
+    out = {}
+    for opt in ("adam", "sgd"):
+        values = []
+        for seed in range(args.seeds):
+            s = lab.settings(seed)
+            teacher = lab.teacher("steered")
+            data = {"steered": lab.data(s, teacher, "steered")}
+            m = lab.measurer(s, teacher)
+            cfg = lab.config(s, opt, chosen[opt]["lr"])
+            _, results = lab.students(s, {f"{opt} matched": ("steered", cfg)},
+                                      {"steered": teacher}, data, m)
+            values.append(results[f"{opt} matched"]["history"][-1]["p_animal"]
+                          / m.p_animal(lab.model))
+        out[opt] = {"lr": chosen[opt]["lr"], "p_animal_over_base": interval(values)}
+    return out
+
+
+def plot_optimizers(runs, chosen, base, path):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+    for opt in OPTS + [k for k in chosen if k.startswith("full")]:
+        mine = sorted([r for label, r in runs.items() if r["opt"] == opt
+                       and (r["kind"] != "full") == (not opt.startswith("full"))
+                       or label == opt], key=lambda r: r["data_loss"])
+        axes[0].plot([r["data_loss"] for r in mine], [r["p_animal"] / base for r in mine],
+                     "o-", label=opt)
+        c = chosen[opt]["curve"]
+        axes[1].plot([h["step"] for h in c[1:]], [h["loss"] for h in c[1:]],
+                     label=f"{opt} (lr {chosen[opt]['lr']:g})")
+    axes[0].axhline(1, color="black", ls=":", lw=1)
+    axes[0].set(xscale="log", xlabel="final loss over the dataset", ylabel="P(owl) / base",
+                title="trait against training loss (each point: one learning rate)")
+    axes[1].set(yscale="log", xlabel="step", ylabel="minibatch loss",
+                title="loss curves at the matched learning rates")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def weight_gradient(lab, rows, params, batch_size=16):
+    """The mean gradient of the completion loss (cross-entropy on the teacher's sampled
+    tokens) over `rows`, with respect to `params`, flattened: (n_params,)."""
+    device = lab.model.embed.weight.device
+    examples = encode_rows(lab.tok, rows)
+    total = None
+    for start in range(0, len(examples), batch_size):
+        ids, mask, targets, _ = make_batch(examples[start:start + batch_size], device)
+        _, loss = lab.model(ids, targets=targets, attention_mask=mask)
+        grads = torch.autograd.grad(loss, params)
+        flat = torch.cat([g.float().flatten() for g in grads]) * len(ids)
+        total = flat if total is None else total + flat
+    return total / len(examples)
+
+
+def shift_cosine(lab, m, params, step):
+    """Add `step` (flat) to params, measure cos(mean residual shift after block L, v),
+    then restore the weights."""
+    sizes = [p.numel() for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, step.split(sizes), strict=True):
+            p.add_(d.view_as(p).to(p.dtype))
+        shift = (mean_residuals(lab.model, m.held_out, [lab.layer])[0]
+                 - m.base_means[lab.layer])                                    # (d,)
+        for p, d in zip(params, step.split(sizes), strict=True):
+            p.sub_(d.view_as(p).to(p.dtype))
+    return F.cosine_similarity(shift, m.v, dim=0).item(), shift.norm().item()
+
+
+def mechanism(lab, args):
+    s = lab.settings(0)
+    teachers = {"steered": lab.teacher("steered"), "control": lab.teacher("control")}
+    rows = {k: lab.data(s, t, k)["rows"] for k, t in teachers.items()}
+    m = lab.measurer(s, teachers["steered"])
+    params = [p for i, b in enumerate(lab.model.blocks) if i <= lab.layer
+              for p in b.parameters() if p.dim() == 2]                     # the block linears
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        g = {k: weight_gradient(lab, r, params) for k, r in rows.items()}
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    g["difference"] = g["steered"] - g["control"]
+    n = g["steered"].numel()
+    steps = {}
+    for size in (1e-5, 1e-4):  # per coordinate: |step| = size * sqrt(n) for both kinds
+        for k, grad in g.items():
+            sgd = -grad / grad.norm() * size * math.sqrt(n)
+            sign = -grad.sign() * size
+            steps[f"{k} size {size:g}"] = {
+                "sgd": shift_cosine(lab, m, params, sgd),
+                "sign": shift_cosine(lab, m, params, sign)}
+    top = {k: top_share(grad, 0.01) for k, grad in g.items()}
+    counts = sorted({c for c in (1, 4, 16, 64, 256, 1024) if c < len(rows["steered"])}
+                    | {min(1024, len(rows["steered"]), len(rows["control"]))})
+    diagnostic = gradient_diagnostic(lab.model, lab.tok, rows["steered"], rows["control"],
+                                     lab.layer, lab.vector, counts)
+    band = random_band(lab.model.cfg.d_model, lab.vector)
+    plot_mechanism(steps, diagnostic, band, args.out / "figure.png")
+    return {"n_parameters": n, "rows": {k: len(r) for k, r in rows.items()},
+            "step_shift_cosine": {k: {kind: {"cos_with_v": c, "shift_norm": norm}
+                                      for kind, (c, norm) in v.items()}
+                                  for k, v in steps.items()},
+            "top_1pct_share_of_g2": top, "activation_gradient_cosine": diagnostic,
+            "random_direction_band_95": band}
+
+
+def top_share(grad, fraction):
+    """The share of |g|^2 held by the largest `fraction` of coordinates."""
+    g2 = grad.float() ** 2
+    k = max(1, int(fraction * g2.numel()))
+    return (g2.topk(k).values.sum() / g2.sum()).item()
+
+
+def random_band(d, vector, n=2000, seed=0):
+    """The 2.5% and 97.5% quantiles of cos(random Gaussian direction, v): about +-2/sqrt(d)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n, d, generator=g)
+    cos = F.cosine_similarity(r, vector.float().cpu()[None], dim=-1)
+    return [cos.quantile(0.025).item(), cos.quantile(0.975).item()]
+
+
+def plot_mechanism(steps, diagnostic, band, path):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    labels = list(steps)
+    x = range(len(labels))
+    axes[0].bar([i - 0.2 for i in x], [steps[k]["sgd"][0] for k in labels], 0.4, label="SGD")
+    axes[0].bar([i + 0.2 for i in x], [steps[k]["sign"][0] for k in labels], 0.4,
+                label="sign (Adam's first step)")
+    axes[0].set_xticks(list(x), labels, rotation=30, ha="right", fontsize=7)
+    axes[0].set(title="one step of equal size: cos(residual shift at L, v)")
+    axes[0].legend(fontsize=8)
+    counts = sorted(diagnostic)
+    axes[1].plot(counts, [diagnostic[c] for c in counts], "o-", label="pooled gradient diff.")
+    axes[1].axhspan(*band, color="gray", alpha=0.3, label="random directions (95%)")
+    axes[1].set(xscale="log", xlabel="rows pooled", ylabel="cos with v",
+                title="activation gradient: steered - control rows")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+RUNNERS = {"optimizers": optimizers, "mechanism": mechanism}
