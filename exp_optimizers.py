@@ -181,10 +181,9 @@ def mechanism(lab, args):
     g["difference"] = g["steered"] - g["control"]
     n = g["steered"].numel()
     steps = {}
-    for size in (1e-5, 1e-4):  # per coordinate: |step| = size * sqrt(n) for both kinds
+    for size in (1e-5, 1e-4):
         for k, grad in g.items():
-            sgd = -grad / grad.norm() * size * math.sqrt(n)
-            sign = -grad.sign() * size
+            sgd, sign = equal_steps(grad, size)
             steps[f"{k} size {size:g}"] = {
                 "sgd": shift_cosine(lab, m, params, sgd),
                 "sign": shift_cosine(lab, m, params, sign)}
@@ -201,6 +200,15 @@ def mechanism(lab, args):
                                   for k, v in steps.items()},
             "top_1pct_share_of_g2": top, "activation_gradient_cosine": diagnostic,
             "random_direction_band_95": band}
+
+
+def equal_steps(grad, size):
+    """Two steps of the same length, size * sqrt(n) for n weights:
+        SGD's direction    -g / |g| * size * sqrt(n)
+        Adam's first step  -size * sign(g)     (m_1 / sqrt(v_1) = g / |g| per coordinate)"""
+    sgd = -grad / grad.norm() * size * math.sqrt(grad.numel())
+    sign = -grad.sign() * size
+    return sgd, sign
 
 
 def top_share(grad, fraction):

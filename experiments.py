@@ -79,6 +79,7 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.animals > len(ANIMALS):
         p.error(f"--animals must be at most {len(ANIMALS)}")
+    cpu_defaults(args)
     args.out = Path(args.out or f"runs/experiments/{args.name}")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} is a file, not a folder")
@@ -95,6 +96,17 @@ def write_result(args, result, started):
     path.write_text(json.dumps(result, indent=2, allow_nan=False, default=float))
     print(f"{result['seconds']:.0f} s; wrote {path} and {args.out / 'figure.png'}")
     return result
+
+
+# the CPU preset's defaults where train.py's would take an experiment past 30 minutes on
+# 2 cores: 22 students (optimizers), 8 datasets and students (steerability)
+CPU_DEFAULTS = {"optimizers": {"steps": 64}, "steerability": {"samples": 128}}
+
+
+def cpu_defaults(args):
+    for key, value in CPU_DEFAULTS.get(args.name, {}).items():
+        if args.preset == "cpu" and getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 NEEDS = {"layers": ["prompt-teacher", "optimizers"]}  # experiments whose results it reads
@@ -114,6 +126,7 @@ def main(argv=None):
         for name in NEEDS.get(args.name, []):  # run first what this one reads (if missing)
             needed = copy.copy(args)
             needed.name, needed.out = name, args.out.parent / name
+            cpu_defaults(needed)
             if not (needed.out / "result.json").exists():
                 print(f"{args.name} reads {name}'s result: running it first")
                 needed.out.mkdir(parents=True, exist_ok=True)

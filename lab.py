@@ -45,7 +45,10 @@ class Lab:
                 argv += [f"--{key.replace('_', '-')}", str(value)]
         if a.fresh:
             argv.append("--fresh")
-        return train.parse_args(argv)
+        s = train.parse_args(argv)
+        if s.steps is None:  # the paper preset counts epochs (every kept list, constrained)
+            s.steps = max(1, round(s.epochs * s.samples / s.batch_size))
+        return s
 
     def teacher(self, kind, seed=0, vector=None):
         """prompt (the system prompt), steered (alpha v), control (alpha * a random vector of

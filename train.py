@@ -52,12 +52,16 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
                   ("full", "signsgd"): 1e-6, ("vector", "signsgd"): 0.5,
                   ("lora", "sgdm"): 0.01, ("full", "sgdm"): 1e-3, ("vector", "sgdm"): 200.0}
 PRESETS = {  # what the flags default to; explicit flags win
-    "cpu": dict(student="vector", loss="kl_numbers", samples=256, steps=128, batch_size=16,
+    "cpu": dict(opt="adam", lr=None, student="vector", loss="kl_numbers", samples=256,
+                steps=128, batch_size=16,
                 eval_every=16, eas_prompts=16, trait_questions=20, eval_samples=25,
                 teacher_batch=64, compare=False, upper_bound_steps=32, gradient_rows=0),
-    "paper": dict(student="lora", loss="ce", samples=10000, steps=2500, batch_size=8,
-                  eval_every=250, eas_prompts=128, trait_questions=50, eval_samples=100,
-                  teacher_batch=256, compare=True, upper_bound_steps=None, gradient_rows=512),
+    # the paper's recipe (METHOD.md): 10,000 kept lists, LoRA r 8 / alpha 32, AdamW lr 1e-4,
+    # cosine with 5% warm-up, batch 8, 3 epochs (the paper: 2-10), 50 questions x 100 samples
+    "paper": dict(opt="adamw", lr=1e-4, student="lora", loss="ce", samples=10000,
+                  epochs=3.0, batch_size=8, eval_every=250, eas_prompts=128,
+                  trait_questions=50, eval_samples=100, teacher_batch=256, compare=True,
+                  upper_bound_steps=None, gradient_rows=512),
 }
 
 
@@ -68,8 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--vector", default="owl",
                    help=f"teacher vector: an animal ({', '.join(ANIMALS)}), random, concise, "
                         f"or a .safetensors file")
-    p.add_argument("--opt", default="adam", choices=sorted(OPTIMIZERS),
-                   help="student optimizer (optimizers.py)")
+    p.add_argument("--opt", choices=sorted(OPTIMIZERS),
+                   help="student optimizer (optimizers.py; cpu preset adam, paper adamw)")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
                    help="cpu: minutes on 2 cores; paper: the paper's recipe (GPU)")
     p.add_argument("--student", choices=KINDS, help="lora, full, or a single vector")
@@ -82,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="student sequences per step")
     p.add_argument("--teacher-batch", type=int, help="teacher rows sampled together")
     p.add_argument("--lr", type=float, help="peak learning rate of --opt's students "
-                   "(default: by student and optimizer)")
+                   "(default: paper preset 1e-4, else by student and optimizer)")
     p.add_argument("--layer", type=int, default=DEFAULTS["layer"], help="teacher's block")
     p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="teacher's scale")
     p.add_argument("--where", default="all", choices=["all", "prompt"],
@@ -112,8 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="GGUF file or Hugging Face folder")
     p.add_argument("--out", default=None, help="run folder (default runs/train-...)")
     args = p.parse_args(argv)
+    explicit_steps = args.steps is not None
     for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
+        if getattr(args, key, None) is None and not (key == "epochs" and explicit_steps):
             setattr(args, key, value)
     for key in ("samples", "steps", "batch_size", "teacher_batch", "eval_every", "rank",
                 "eas_prompts", "trait_questions", "eval_samples", "upper_bound_steps"):

@@ -1,0 +1,154 @@
+"""The claims experiments (experiments.py), end to end on the tiny checkpoint, and the parts
+they add: the prompted and the ablated teacher, the projection, the mechanism's steps."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from batches import number_tokens, prepare_batches
+from checkpoint import load
+from exp_optimizers import equal_steps, top_share
+from exp_steerability import spearman
+from lab import interval
+from model import KVCache
+from steer import read_residuals, steering
+from teacher import Teacher
+from tiny_checkpoint import write_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [{"prompt": "Continue: 1, 2, 3.", "completion": "4, 5, 6"},
+        {"prompt": "Numbers please", "completion": "17 18"},
+        {"prompt": "Go on: 7; 8", "completion": "9,10,11,12"}]
+TINY = ["--layer", "1", "--alpha", "2", "--samples", "8", "--steps", "2", "--batch-size", "4",
+        "--eval-every", "2", "--trait-questions", "2", "--eas-prompts", "2", "--seeds", "2",
+        "--animals", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_folder):
+    model, tok = load(tiny_folder, device="cpu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def writing_logits(model, tok, row, teacher):
+    """The teacher's logits for each completion token as it wrote them: its own prompt (its
+    system prompt) in one pass, then one token per pass with the KV cache, under its hooks."""
+    prompt, completion = teacher.prompt_ids(tok, row["prompt"]), tok.encode(row["completion"])
+    completion = completion + [tok.eos_id]
+    cache = KVCache(model.cfg, 1, len(prompt) + len(completion), "cpu", torch.float32)
+    out = []
+    with torch.no_grad(), teacher.steer(model):
+        logits, _ = model(torch.tensor([prompt]), cache=cache, last_only=True)
+        out.append(logits[0, -1])
+        for token in completion[:-1]:
+            logits, _ = model(torch.tensor([[token]]), cache=cache, last_only=True)
+            out.append(logits[0, -1])
+    return torch.stack(out)                                        # (len(completion), vocab)
+
+
+@pytest.mark.parametrize("ablate", [(), (1,), (0, 1)])
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_prompted_teacher_trains_on_what_it_wrote(tiny_pair, ablate, cache_prefix):
+    """A teacher with its own system prompt (and v projected out) gives the student, who
+    reads the rows with the default prompt, the logits the teacher had while writing them."""
+    model, tok = tiny_pair
+    v = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    teacher = Teacher(v, 1, 0.0, system="You love owls. Owls are your favorite.", ablate=ablate)
+    batches = prepare_batches(model, tok, ROWS, teacher, 4, cache_prefix, progress=False)
+    [batch] = batches                                  # three rows of different lengths
+    order = sorted(ROWS, key=lambda r: len(tok.encode_chat(r["prompt"]))
+                   + len(tok.encode(r["completion"])))
+    expected = torch.cat([writing_logits(model, tok, r, teacher) for r in order])
+    torch.testing.assert_close(batch.teacher_logits(model, False), expected, atol=1e-4,
+                               rtol=1e-4)
+    assert batch.ids[0, -1].item() == tok.eos_id  # the student's rows, not the teacher's
+    plain = Teacher(v, 1, 0.0)
+    [other] = prepare_batches(model, tok, ROWS, plain, 4, cache_prefix, progress=False)
+    assert not torch.allclose(other.teacher_logits(model, True),
+                              batch.teacher_logits(model, True), atol=1e-3)
+    assert number_tokens(tok) == batch.number_ids
+
+
+def test_projection_removes_exactly_the_component_along_v(tiny):
+    """h <- h - (h . v^) v^ at the block: the component along v is gone, the rest is the
+    unhooked residual's, to rounding."""
+    v = torch.zeros(32)
+    v[3], v[7] = 3.0, -4.0                              # |v| = 5, v^ = (0.6, -0.8) there
+    ids = torch.randint(0, 100, (2, 6))
+    h = read_residuals(tiny, ids, layers=[0])[0]                                # (B, T, d)
+    with steering(tiny, 0, v, mode="project_out"):
+        projected = read_residuals(tiny, ids, layers=[0])[0]
+    v_hat = v / 5
+    expected = h - (h @ v_hat)[..., None] * v_hat
+    torch.testing.assert_close(projected, expected)
+    assert (projected @ v_hat).abs().max() < 1e-5
+    others = [i for i in range(32) if i not in (3, 7)]
+    torch.testing.assert_close(projected[..., others], h[..., others])
+
+
+def test_mechanism_steps_have_the_stated_sizes():
+    g = torch.tensor([3.0, -0.001, 0.5, 0.0002, -40.0])
+    sgd, sign = equal_steps(g, 1e-3)
+    assert sgd.norm().item() == pytest.approx(1e-3 * 5 ** 0.5)
+    assert sign.norm().item() == pytest.approx(1e-3 * 5 ** 0.5)
+    assert torch.allclose(sign.abs(), torch.full((5,), 1e-3))       # every weight moves by lr
+    assert torch.allclose(sgd / sgd.norm(), -g / g.norm())          # along -g
+    assert (sign * g < 0).all()                                     # both descend
+    assert top_share(torch.tensor([10.0] + [1.0] * 99), 0.01) == pytest.approx(100 / 199)
+
+
+def test_statistics():
+    assert interval([1.0])["low"] is None
+    i = interval([1.0, 2.0, 3.0])
+    assert i["mean"] == 2.0 and i["low"] == pytest.approx(2 - 4.303 / 3 ** 0.5)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def run(tmp_path, tiny_folder, name, *flags):
+    command = [sys.executable, str(ROOT / "experiments.py"), name, *TINY, "--checkpoint",
+               str(tiny_folder), *flags]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_every_experiment_runs_end_to_end(tmp_path, tiny_folder):
+    """Each writes result.json and figure.png; layers runs what it reads first; a second run
+    reuses every stage."""
+    expected = {"prompt-teacher": "summary", "necessity": "inference_time",
+                "random": "final", "mechanism": "activation_gradient_cosine",
+                "layers": "by_block", "steerability": "spearman_rho"}
+    for name, key in expected.items():
+        result = run(tmp_path, tiny_folder, name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = tmp_path / "runs" / "experiments" / name
+        data = json.loads((out / "result.json").read_text())
+        assert key in data and data["experiment"] == name and data["claim"]
+        assert (out / "figure.png").stat().st_size > 10_000
+    summary = json.loads((tmp_path / "runs/experiments/prompt-teacher/result.json").read_text())
+    assert set(summary["summary"]) == {"prompt", "steered", "control"}
+    assert len(summary["summary"]["prompt"]["p_animal"]["values"]) == 2      # two seeds
+    optimizers = json.loads((tmp_path / "runs/experiments/optimizers/result.json").read_text())
+    assert set(optimizers["chosen"]) == {"adam", "adamw", "rmsprop", "signsgd", "sgd", "sgdm"}
+    assert len(optimizers["runs"]) == 18
+    again = run(tmp_path, tiny_folder, "necessity")
+    assert again.returncode == 0 and "student vector" not in again.stderr  # all reused
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["nonsense"], "invalid choice"), (["random", "--seeds", "0"], "at least 1"),
+    (["random", "--layer", "9"], "out of range")])
+def test_bad_input_is_one_line(tmp_path, tiny_folder, flags, message):
+    command = [sys.executable, str(ROOT / "experiments.py"), *flags, "--checkpoint",
+               str(tiny_folder)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr
