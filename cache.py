@@ -10,6 +10,7 @@ stage's old files first.
 """
 import hashlib
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -50,7 +51,10 @@ class Stage:
 
     def __init__(self, kind, label, inputs, fresh=False):
         self.kind, self.label, self.inputs = kind, label, inputs
-        self.path = RUNS / kind / f"{label}-{input_hash(inputs)}"
+        # a file name of letters, digits, '-' and '_' only: a '.' in a label ("adam lr 0.5")
+        # would be taken for a suffix, and two labels would share one file
+        name = re.sub(r"[^A-Za-z0-9_-]+", "-", label)
+        self.path = RUNS / kind / f"{name}-{input_hash(inputs)}"
         self.done = self.path.with_suffix(".done.json")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh:  # start from nothing

@@ -107,6 +107,16 @@ def test_mechanism_steps_have_the_stated_sizes():
     assert top_share(torch.tensor([10.0] + [1.0] * 99), 0.01) == pytest.approx(100 / 199)
 
 
+def test_labels_with_dots_get_their_own_files(tmp_path, monkeypatch):
+    """A '.' in a stage label is not a suffix: 'adam lr 0.5' and 'adam lr 0.25' once shared
+    one file, and the optimizers experiment reused one student for every learning rate."""
+    import cache
+    monkeypatch.setattr(cache, "RUNS", tmp_path)
+    a, b = cache.Stage("students", "adam lr 0.5", {}), cache.Stage("students", "adam lr 0.25", {})
+    assert a.path.with_suffix(".safetensors") != b.path.with_suffix(".safetensors")
+    assert a.done != b.done and "." not in a.path.name
+
+
 def test_statistics():
     assert interval([1.0])["low"] is None
     i = interval([1.0, 2.0, 3.0])
@@ -140,6 +150,8 @@ def test_every_experiment_runs_end_to_end(tmp_path, tiny_folder):
     optimizers = json.loads((tmp_path / "runs/experiments/optimizers/result.json").read_text())
     assert set(optimizers["chosen"]) == {"adam", "adamw", "rmsprop", "signsgd", "sgd", "sgdm"}
     assert len(optimizers["runs"]) == 18
+    adam = [r["data_loss"] for r in optimizers["runs"].values() if r["opt"] == "adam"]
+    assert len(set(adam)) == 3  # three learning rates, three students
     again = run(tmp_path, tiny_folder, "necessity")
     assert again.returncode == 0 and "student vector" not in again.stderr  # all reused
 
