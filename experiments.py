@@ -69,7 +69,8 @@ def parse_args(argv=None):
                    help="optimizers: also full fine-tuning with Adam and SGD (default: on "
                         "for the paper preset; a full step costs about 8 s on 2 cores)")
     p.add_argument("--device", help="cuda, mps or cpu (default: best)")
-    p.add_argument("--checkpoint", help="GGUF file or Hugging Face folder")
+    p.add_argument("--checkpoint", help="GGUF file, Hugging Face folder or ORG/NAME[@REV] "
+                   "on the Hub (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--fresh", action="store_true", help="recompute every stage")
     p.add_argument("--out", help="folder (default runs/experiments/NAME)")
     args = p.parse_args(argv)

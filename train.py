@@ -113,7 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="recompute every stage, reuse nothing")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
-    p.add_argument("--checkpoint", default=None, help="GGUF file or Hugging Face folder")
+    p.add_argument("--checkpoint", default=None, help="GGUF file, Hugging Face folder or "
+                   "ORG/NAME[@REV] on the Hub (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", default=None, help="run folder (default runs/train-...)")
     args = p.parse_args(argv)
     explicit_steps = args.steps is not None
@@ -248,6 +249,20 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
     return students, results
 
 
+class PeakMemory:
+    """The most GPU memory allocated during each stage, printed as the stage ends (CUDA
+    only: elsewhere it records nothing)."""
+
+    def __init__(self, device):
+        self.cuda, self.peaks = device.type == "cuda", {}
+
+    def __call__(self, stage):
+        if self.cuda:
+            self.peaks[stage] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            print(f"peak GPU memory, {stage}: {self.peaks[stage]} GiB")
+            torch.cuda.reset_peak_memory_stats()
+
+
 def run(args):
     """All stages; returns a dict of everything the run produced."""
     from checkpoint import load
@@ -255,9 +270,12 @@ def run(args):
     model, tok = load(args.checkpoint, device=args.device)
     for p in model.parameters():
         p.requires_grad_(False)  # the base model is never trained; students are copies
+    memory = PeakMemory(model.embed.weight.device)
+    memory("model")
     steered, vector_meta, control = teachers(args, model, tok)
     data = {"steered": teacher_data(args, model, tok, steered, "steered"),
             "control": teacher_data(args, model, tok, control, "control")}
+    memory("teachers")
     if args.epochs:
         args.steps = max(1, round(args.epochs * len(data["steered"]["rows"]) / args.batch_size))
     measurer = Measurer(model, tok, steered, args.animal, args.eas_prompts,
@@ -265,6 +283,7 @@ def run(args):
     students, results = train_students(args, model, tok, student_plan(args),
                                        {"steered": steered, "control": control}, data,
                                        measurer)
+    memory("students")
     report = final_report(measurer, students, results, steered, control, args.eval_samples)
     rows = min(args.gradient_rows, len(data["steered"]["rows"]), len(data["control"]["rows"]))
     if rows:
@@ -272,6 +291,8 @@ def run(args):
         report["gradient_diagnostic"] = gradient_diagnostic(
             model, tok, data["steered"]["rows"], data["control"]["rows"], args.layer,
             steered.vector, counts)
+    memory("evaluation")
+    report["peak_gpu_memory_gib"] = memory.peaks
     return {"model": model, "teacher": steered, "vector_meta": vector_meta, "data": data,
             "students": students, "results": results, "report": report,
             "seconds": time.time() - t0}
