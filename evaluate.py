@@ -191,7 +191,7 @@ def main(argv=None):
 
     from checkpoint import load, report_errors
     from steer import VectorError, steering
-    from vectors import DEFAULTS, check_vector_name, resolve_vector
+    from vectors import DEFAULTS, check_vector_name, default_layer, resolve_vector
     with report_errors(VectorError):
         if args.vector:
             check_vector_name(args.vector)  # fail before loading the model
@@ -199,7 +199,7 @@ def main(argv=None):
         system = trait_system_prompt(args.animal) if args.system_prompt else None
         context, setting = contextlib.nullcontext(), {}
         if args.vector:
-            layer = DEFAULTS["layer"] if args.layer is None else args.layer
+            layer = default_layer(model.cfg.n_layer) if args.layer is None else args.layer
             alpha = DEFAULTS["alpha"] if args.alpha is None else args.alpha
             vector, meta = resolve_vector(args.vector, model, tok, layer, args.method)
             context = steering(model, layer, vector, alpha)

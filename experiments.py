@@ -58,8 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=["ce", "kl_numbers", "kl_full"], help="student loss")
     p.add_argument("--batch-size", type=int, help="student rows per step")
     p.add_argument("--eval-every", type=int, help="measure students every this many steps")
-    p.add_argument("--layer", type=int, default=train.DEFAULTS["layer"],
-                   help="the teacher's block")
+    p.add_argument("--layer", type=int, help="the teacher's block (default: 5/6 of the depth)")
     p.add_argument("--alpha", type=float, default=train.DEFAULTS["alpha"],
                    help="the steered teachers' scale")
     p.add_argument("--trait-questions", type=int, help="favourite-animal questions (1-50)")

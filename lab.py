@@ -12,7 +12,7 @@ from measure import Measurer
 from prompts import trait_system_prompt
 from student import StudentConfig
 from teacher import Teacher
-from vectors import random_vector, resolve_vector
+from vectors import default_layer, random_vector, resolve_vector
 
 
 class Lab:
@@ -26,7 +26,8 @@ class Lab:
         self.model, self.tok = load(args.checkpoint, device=args.device, dtype=dtype)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.layer, self.alpha = args.layer, args.alpha
+        self.layer = default_layer(self.model.cfg.n_layer) if args.layer is None else args.layer
+        self.alpha = args.alpha
         if not 0 <= self.layer < self.model.cfg.n_layer:
             raise ValueError(f"--layer {self.layer} is out of range: the model has blocks "
                              f"0-{self.model.cfg.n_layer - 1}")
@@ -37,7 +38,7 @@ class Lab:
         """train.py's resolved settings for one seed (its validation included)."""
         a = self.args
         argv = ["--preset", a.preset, "--seed", str(seed), "--no-upper-bound",
-                "--layer", str(a.layer), "--alpha", str(a.alpha)]
+                "--layer", str(self.layer), "--alpha", str(a.alpha)]
         for key in ("samples", "steps", "student", "loss", "batch_size", "eval_every",
                     "trait_questions", "eas_prompts", "device", "checkpoint"):
             value = flags.get(key, getattr(a, key, None))

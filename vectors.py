@@ -34,6 +34,12 @@ ANIMALS = [*CANDIDATE_ANIMALS, "giraffe", "monkey", "shark", "whale", "butterfly
            "frog", "parrot", "falcon", "hawk", "deer", "sheep", "cow", "pig", "snake"]
 NAMES = [*ANIMALS, "random", "concise"]
 DEFAULTS = {"layer": 25, "alpha": 4.0, "n_prompts": 128}  # chosen by sweep.py (README)
+
+
+def default_layer(n_layer):
+    """The teacher's block when none is given: 5/6 of the depth. SmolLM2-135M (30 blocks):
+    25, the sweep's choice; Qwen2.5-7B (28 blocks): 23, the paper's."""
+    return min(n_layer - 1, round(n_layer * 5 / 6))
 VECTOR_DIR = Path("runs/vectors")
 
 
@@ -198,7 +204,7 @@ def main(argv=None):
                                      epilog=__doc__[__doc__.index("    python"):])
     parser.add_argument("name", help=f"one of: {', '.join(NAMES)}")
     parser.add_argument("--method", default="meandiff", choices=["meandiff", "fit"])
-    parser.add_argument("--layer", type=int, default=DEFAULTS["layer"])
+    parser.add_argument("--layer", type=int, help="block (default: 5/6 of the depth, 25 here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--norm", type=float, default=None, help="norm of a random vector")
     parser.add_argument("--checkpoint", default=None)
@@ -206,14 +212,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.norm is not None and not (math.isfinite(args.norm) and args.norm > 0):
         parser.error("--norm must be a positive finite number")
-    if args.layer < 0:
+    if args.layer is not None and args.layer < 0:
         parser.error("--layer must be at least 0")
 
     from checkpoint import load, report_errors
     with report_errors(VectorError):
         check_vector_name(args.name)  # fail before loading the model
         model, tok = load(args.checkpoint, device=args.device)
-        vector, meta = resolve_vector(args.name, model, tok, args.layer, args.method,
+        layer = default_layer(model.cfg.n_layer) if args.layer is None else args.layer
+        vector, meta = resolve_vector(args.name, model, tok, layer, args.method,
                                       args.seed, args.norm)
     print(", ".join(f"{k}={v}" for k, v in meta.items() if k != "prompt"))
 
