@@ -15,7 +15,9 @@ integers of 0-999 with one consistent separator (comma, semicolon or whitespace)
 A dataset is a JSONL file, one row per prompt (index, prompt, completion, valid), and a
 sidecar .meta.json with everything that produced it (model, vector hash, layer, alpha, mode,
 seed). Rows are written batch by batch with a seed per batch, so an interrupted run resumes
-where it stopped and the file equals an uninterrupted run's: same seed, same dataset.
+where it stopped and the file equals an uninterrupted run's: same seed, same dataset. Under
+torchrun the batches are shared out between the processes, each writing a shard file that
+rank 0 merges (distributed.py); the merged file is again the same dataset.
 """
 import contextlib
 import hashlib
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed
 from generate import generate
 from prompts import number_prompts
 from steer import steering
@@ -148,8 +151,9 @@ def vector_hash(vector):
     return hashlib.sha256(vector.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def _read_rows(path, batch_size, n_prompts):
-    """Rows of complete batches already in the file (a batch cut off mid-write is dropped)."""
+def _read_rows(path, starts, batch_size, n_prompts):
+    """Rows of the batches beginning at `starts` that are complete in the file, in order up
+    to the first one that is not (a batch cut off mid-write is dropped)."""
     rows = []
     for line in path.read_text().splitlines():
         try:
@@ -157,7 +161,7 @@ def _read_rows(path, batch_size, n_prompts):
         except json.JSONDecodeError:
             break  # the last line of an interrupted write
     complete = []
-    for start in range(0, n_prompts, batch_size):
+    for start in starts:
         batch = [r for r in rows if start <= r["index"] < start + batch_size]
         if len(batch) != min(batch_size, n_prompts - start):
             break
@@ -165,11 +169,18 @@ def _read_rows(path, batch_size, n_prompts):
     return complete
 
 
+def shard_path(path, rank):
+    """The file of the rows that process `rank` writes when several share the work."""
+    return path.with_suffix(f".rank{rank}.jsonl")
+
+
 def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed=0,
                   batch_size=32, max_new_tokens=None, stop_after=None, desc="teacher"):
     """Generate (or finish generating) the teacher's dataset at `path` (.jsonl).
     teacher: a Teacher. stop_after: stop after that many batches (to test resuming).
-    Returns the rows; a valid row passes the rule filter."""
+    Returns the rows; a valid row passes the rule filter.
+    Under torchrun, every process calls it: batch k is written by rank k % world into its
+    shard file, then rank 0 merges the shards into `path` in index order."""
     if mode not in ("free", "constrained"):
         raise ValueError(f"mode must be 'free' or 'constrained', not '{mode}'")
     path = Path(path)
@@ -178,8 +189,8 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
             "n_prompts": n_prompts, "batch_size": batch_size,
             "max_new_tokens": max_new_tokens or (60 if mode == "constrained" else 200)}
     meta_path = path.with_suffix(".meta.json")
-    rows = []
-    if path.exists() and meta_path.exists():
+    rows, resuming = [], path.exists() and meta_path.exists()
+    if resuming:
         try:
             old = json.loads(meta_path.read_text())
         except json.JSONDecodeError:
@@ -187,14 +198,26 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
         if old != meta:
             raise ValueError(f"{path}: exists with different settings; delete it or "
                              f"choose another path")
-        rows = _read_rows(path, batch_size, n_prompts)
+        rows = _read_rows(path, range(0, n_prompts, batch_size), batch_size, n_prompts)
+    distributed.barrier()  # every rank has read the file before rank 0 rewrites it
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=2))
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop any partial batch
+    if distributed.is_main():
+        meta_path.write_text(json.dumps(meta, indent=2))
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop any partial batch
 
+    rank, world = distributed.rank(), distributed.world_size()
+    starts = [s for s in range(len(rows), n_prompts, batch_size)
+              if s // batch_size % world == rank]  # this process's batches
+    target = path
+    if world > 1:  # this rank's shard: resumed if the dataset is, cut to its complete batches
+        target = shard_path(path, rank)
+        kept = (_read_rows(target, starts, batch_size, n_prompts)
+                if resuming and target.exists() else [])
+        target.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        starts = [s for s in starts if s not in {r["index"] for r in kept}]
     prompts = number_prompts(n_prompts, seed)
-    starts = range(len(rows), n_prompts, batch_size)
-    for done, start in enumerate(tqdm(starts, desc=f"{desc} (alpha {teacher.alpha:g}, {mode})")):
+    for done, start in enumerate(tqdm(starts, desc=f"{desc} (alpha {teacher.alpha:g}, {mode})",
+                                      disable=not distributed.is_main())):
         if stop_after is not None and done == stop_after:
             break
         batch = prompts[start:start + batch_size]
@@ -209,10 +232,37 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
         new = [{"index": start + i, "prompt": p, "completion": t,
                 "valid": is_valid_completion(t)}
                for i, (p, t) in enumerate(zip(batch, texts, strict=True))]
-        with path.open("a") as f:  # one write per batch
+        with target.open("a") as f:  # one write per batch
             f.write("".join(json.dumps(r) + "\n" for r in new))
         rows += new
+    if world > 1:
+        rows = _merge_shards(path, n_prompts, batch_size)
     return rows
+
+
+def _merge_shards(path, n_prompts, batch_size):
+    """Once every rank has written its shard: rank 0 appends the shards' batches to the
+    dataset file in index order, up to the first one missing, and deletes the shards when the
+    dataset is complete. Returns the dataset's rows, on every rank."""
+    world, starts = distributed.world_size(), range(0, n_prompts, batch_size)
+    distributed.barrier()  # every shard is written
+    if distributed.is_main():
+        rows = _read_rows(path, starts, batch_size, n_prompts)
+        todo = range(len(rows), n_prompts, batch_size)
+        found = {r["index"]: r for rank in range(world)
+                 for r in _read_rows(shard_path(path, rank),
+                                     [s for s in todo if s // batch_size % world == rank],
+                                     batch_size, n_prompts)}
+        for start in todo:
+            if start not in found:
+                break
+            rows += [found[i] for i in range(start, min(start + batch_size, n_prompts))]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if len(rows) == n_prompts:  # (also the shards of a run with another number of ranks)
+            for shard in path.parent.glob(f"{path.stem}.rank*.jsonl"):
+                shard.unlink()
+    distributed.barrier()  # the dataset file is written
+    return _read_rows(path, starts, batch_size, n_prompts)
 
 
 def keep_rate(rows):

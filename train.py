@@ -19,6 +19,8 @@ recomputes everything):
        upper_bound  KL over the full vocabulary: ordinary distillation, NOT subliminal;
                     it shows what the same sequences could carry     (--no-upper-bound)
   4. evaluation (measure.py), figures, config.json and metrics.json    (plots.py)
+Past one GPU: torchrun --nproc-per-node N train.py ... shares out the teacher's prompts and
+the students between N processes; rank 0 evaluates and writes the outputs (distributed.py).
 """
 import argparse
 import json
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 from batches import load_batches, prepare_batches, save_batches
 from cache import Stage, code_version
 from gradients import gradient_diagnostic
@@ -155,7 +158,7 @@ def teachers(args, model, tok):
         raise VectorError(f"--layer {args.layer} is out of range: the model has blocks "
                           f"0-{model.cfg.n_layer - 1}")
     vector, meta = resolve_vector(args.vector, model, tok, args.layer, seed=args.seed,
-                                  fresh=args.fresh)
+                                  fresh=args.fresh and distributed.is_main())
     control = random_vector(model.cfg.d_model, vector.norm().item(), seed=args.seed + 1)
     return (Teacher(vector, args.layer, args.alpha, args.where), meta,
             Teacher(control, args.layer, args.alpha, args.where))
@@ -167,13 +170,15 @@ def teacher_data(args, model, tok, teacher, label):
     inputs = {"model": model.name, **teacher.describe(), "mode": args.mode,
               "samples": args.samples, "seed": args.seed, "batch": args.teacher_batch,
               "code": code_version("teacher")}
-    stage = Stage("data", label, inputs, args.fresh)
+    with distributed.main_first():  # under torchrun, only rank 0 deletes old files (--fresh)
+        stage = Stage("data", label, inputs, args.fresh and distributed.is_main())
     path = stage.path.with_suffix(".jsonl")
     if stage.reusable(path):
         stage.say_reused(path)
     rows = write_dataset(path, model, tok, teacher, args.samples, args.mode, args.seed,
                          args.teacher_batch, desc=f"{label} teacher")
-    stage.mark_done()
+    if distributed.is_main():
+        stage.mark_done()
     valid = [r for r in rows if r["valid"]]
     if not valid:
         raise SystemExit(f"error: {path}: no {label} completion passed the rule filter; "
@@ -207,6 +212,8 @@ def teacher_targets(args, model, tok, teacher, data, label, batch_size, cache_pr
     inputs = {"data": data["path"], "teacher": teacher.describe(), "batch_size": batch_size,
               "prefix": cache_prefix, "device": str(model.embed.weight.device),
               "dtype": str(model.embed.weight.dtype), "code": code_version("batches")}
+    if distributed.world_size() > 1:  # ranks that share a device would share the file
+        inputs["rank"] = distributed.rank()
     stage = Stage("batches", label, inputs, args.fresh)
     path = stage.path.with_suffix(".safetensors")
     if stage.reusable(path):
@@ -220,15 +227,21 @@ def teacher_targets(args, model, tok, teacher, data, label, batch_size, cache_pr
 
 def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
     """Stage 3: every student of the plan ({label: (dataset, StudentConfig)}, student_plan),
-    each cached in runs/students/ by its inputs."""
-    students, results, batches = {}, {}, {}
+    each cached in runs/students/ by its inputs. Under torchrun each rank trains its share of
+    the students; rank 0 then loads the others' from the cache, and the other ranks return
+    nothing ({}, {})."""
+    students, results, batches, others = {}, {}, {}, {}
+    mine = distributed.mine(list(plan))
     for label, (dataset, cfg) in plan.items():
         teacher = teachers_by_data[dataset]
         inputs = {"config": asdict(cfg), "data": data[dataset]["path"],
                   "teacher": teacher.describe(), "measure": measurer.describe(),
                   "code": code_version("student")}
-        stage = Stage("students", label, inputs, args.fresh)
+        stage = Stage("students", label, inputs, args.fresh and label in mine)
         weights = stage.path.with_suffix(".safetensors")
+        if label not in mine:  # another rank trains it (torchrun); rank 0 loads it below
+            others[label] = weights
+            continue
         if stage.reusable(weights):
             stage.say_reused(weights)
             student = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
@@ -246,7 +259,19 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
             stage.mark_done()
         students[label] = student
         results[label] = {"config": asdict(cfg), "data": dataset, "history": history}
-    return students, results
+    if distributed.world_size() == 1:
+        return students, results
+    distributed.barrier()  # every rank has saved its students
+    if not distributed.is_main():
+        return {}, {}
+    for label, weights in others.items():
+        dataset, cfg = plan[label]
+        print(f"loading student '{label}' from {weights} (trained by another rank)")
+        students[label] = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
+        results[label] = {"config": asdict(cfg), "data": dataset,
+                          "history": students[label].load(weights)}
+    order = list(plan)  # as a single process has them
+    return {k: students[k] for k in order}, {k: results[k] for k in order}
 
 
 class PeakMemory:
@@ -272,7 +297,8 @@ def run(args):
         p.requires_grad_(False)  # the base model is never trained; students are copies
     memory = PeakMemory(model.embed.weight.device)
     memory("model")
-    steered, vector_meta, control = teachers(args, model, tok)
+    with distributed.main_first():  # rank 0 makes (or finds) the vector, the others read it
+        steered, vector_meta, control = teachers(args, model, tok)
     data = {"steered": teacher_data(args, model, tok, steered, "steered"),
             "control": teacher_data(args, model, tok, control, "control")}
     memory("teachers")
@@ -283,6 +309,8 @@ def run(args):
     students, results = train_students(args, model, tok, student_plan(args),
                                        {"steered": steered, "control": control}, data,
                                        measurer)
+    if not distributed.is_main():
+        return None  # rank 0 evaluates and writes everything
     memory("students")
     report = final_report(measurer, students, results, steered, control, args.eval_samples)
     rows = min(args.gradient_rows, len(data["steered"]["rows"]), len(data["control"]["rows"]))
@@ -303,7 +331,10 @@ def main(argv=None):
     from checkpoint import report_errors
     with report_errors(VectorError, FloatingPointError, ValueError):
         check_vector_name(args.vector)  # fail before loading the model
+        distributed.init()  # under torchrun: join the other processes
         r = run(args)
+    if not distributed.is_main():
+        return distributed.finish()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     for label, student in r["students"].items():
@@ -325,6 +356,7 @@ def main(argv=None):
     plot_run(r["results"], r["report"], out / "training.png", args)
     plot_datasets(r["data"], out / "datasets.png")
     print_summary(metrics, out)
+    distributed.finish()
 
 
 def write_json(path, value):
