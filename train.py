@@ -18,12 +18,11 @@ recomputes everything):
        other_opt    SGD (Adam if --opt is sgd) on the steered numbers           (--compare)
        upper_bound  KL over the full vocabulary: ordinary distillation, NOT subliminal;
                     it shows what the same sequences could carry     (--no-upper-bound)
-  4. evaluation (measure.py), figures, config.json and metrics.json    (plots.py)
+  4. evaluation (measure.py), figures, config.json and metrics.json    (plots.py, report.py)
 Past one GPU: torchrun --nproc-per-node N train.py ... shares out the teacher's prompts and
 the students between N processes; rank 0 evaluates and writes the outputs (distributed.py).
 """
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict
@@ -37,6 +36,7 @@ from cache import Stage, code_version
 from gradients import gradient_diagnostic
 from measure import Measurer, final_report
 from optimizers import OPTIMIZERS
+from report import PeakMemory, write_outputs
 from steer import VectorError
 from student import KINDS, LOSSES, Student, StudentConfig, train_student
 from teacher import Teacher, keep_rate, number_statistics, write_dataset
@@ -278,20 +278,6 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
     return {k: students[k] for k in order}, {k: results[k] for k in order}
 
 
-class PeakMemory:
-    """The most GPU memory allocated during each stage, printed as the stage ends (CUDA
-    only: elsewhere it records nothing)."""
-
-    def __init__(self, device):
-        self.cuda, self.peaks = device.type == "cuda", {}
-
-    def __call__(self, stage):
-        if self.cuda:
-            self.peaks[stage] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-            print(f"peak GPU memory, {stage}: {self.peaks[stage]} GiB")
-            torch.cuda.reset_peak_memory_stats()
-
-
 def run(args):
     """All stages; returns a dict of everything the run produced."""
     from checkpoint import load
@@ -339,52 +325,8 @@ def main(argv=None):
         r = run(args)
     if not distributed.is_main():
         return distributed.finish()
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    for label, student in r["students"].items():
-        student.save(out / f"student-{label}.safetensors", label=label)
-    model = r["model"]
-    config = {**vars(args), "out": str(out), "model": model.name,
-              "teacher": r["teacher"].describe(), "vector_meta": r["vector_meta"],
-              "device": str(model.embed.weight.device), "dtype": str(model.embed.weight.dtype)}
-    data = {kind: {key: d[key] for key in ("path", "keep_rate", "n", "numbers")}
-            | {"valid": len(d["rows"])} for kind, d in r["data"].items()}
-    metrics = {"seconds": round(r["seconds"], 1), **r["report"],
-               "keep_rate": {kind: d["keep_rate"] for kind, d in r["data"].items()},
-               "data": data, "students": r["results"],
-               "note": "upper_bound is trained on the teacher's full-vocabulary distribution:"
-                       " ordinary distillation, not subliminal learning"}
-    write_json(out / "config.json", config)
-    write_json(out / "metrics.json", metrics)
-    from plots import plot_datasets, plot_run
-    plot_run(r["results"], r["report"], out / "training.png", args)
-    plot_datasets(r["data"], out / "datasets.png")
-    print_summary(metrics, out)
+    write_outputs(args, r)
     distributed.finish()
-
-
-def write_json(path, value):
-    path.write_text(json.dumps(value, indent=2, default=str, allow_nan=False))
-
-
-def print_summary(metrics, out):
-    print(f"\nteacher lists kept by the rule filter: steered {metrics['keep_rate']['steered']:.0%}"
-          f", control {metrics['keep_rate']['control']:.0%}")
-    p, rates, causal = metrics["p_animal"], metrics["sampled_trait_rate"], metrics["causal"]
-    print(f"{'':>15} {'P(animal)':>9} {'x base':>7} {'sampled [95% CI]':>22}  "
-          f"{'base + shift':>12} {'student - shift':>15}")
-    for label in p:
-        rate = rates.get(label)
-        sampled = f"{rate['rate']:5.1%} [{rate['low']:.1%}, {rate['high']:.1%}]" if rate else ""
-        checks = (f"{causal[label]['base_plus_shift']:12.3%} "
-                  f"{causal[label]['student_minus_shift']:15.3%}" if label in causal else "")
-        tag = "  (ordinary distillation)" if label == "upper_bound" else ""
-        print(f"{label:>15} {p[label]:9.3%} {p[label] / p['base']:7.2f} {sampled:>22}  "
-              f"{checks}{tag}")
-    print("P(animal): exact probability of the animal after the answer prefix; shift: the "
-          "student's mean residual shift at the teacher's block")
-    print(f"{metrics['seconds']:.0f} s; wrote {out}/config.json, metrics.json, training.png, "
-          f"datasets.png")
 
 
 if __name__ == "__main__":
