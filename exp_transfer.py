@@ -21,7 +21,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lab import across_seeds, strip_shifts  # noqa: E402
-from prompts import trait_system_prompt  # noqa: E402
 
 COLORS = {"prompt": "tab:purple", "steered": "tab:blue", "control": "tab:gray",
           "ablate-L": "tab:orange", "ablate-all": "tab:red"}
@@ -39,7 +38,7 @@ def teachers_p_animal(lab, m, kinds):
 def run_seeds(lab, args, kinds):
     per_seed, teachers = [], []
     for seed in range(args.seeds):
-        summaries, m, _ = lab.transfer(seed, kinds)
+        summaries, m = lab.transfer(seed, kinds)
         teachers.append(teachers_p_animal(lab, m, kinds))
         summaries["base"] = teachers[-1]["base"]
         per_seed.append(summaries)
@@ -76,48 +75,42 @@ def plot_transfer(per_seed, kinds, path, title):
     plt.close(fig)
 
 
-def prompt_teacher(lab, args):
-    kinds = ["prompt", "steered", "control"]
+def transfer_experiment(lab, args, kinds, title):
+    """Seeds of teachers -> students for `kinds`, their figure, and the summary over seeds;
+    returns the result dict (per_seed included, without the raw shift vectors)."""
     per_seed, teachers = run_seeds(lab, args, kinds)
-    result = {"teachers_p_animal": teachers, "summary": across_seeds(per_seed, kinds),
-              "ratio_to_base": ratio_to_base(per_seed, kinds),
-              "prompt_minus_control_p_animal": [s["prompt"]["p_animal"] -
-                                                s["control"]["p_animal"] for s in per_seed]}
-    plot_transfer(per_seed, kinds, args.out / "figure.png",
-                  "prompt-teacher: students of the prompted, the vector-steered and the "
-                  f"control teacher ({args.seeds} seeds)")
-    result["per_seed"] = strip_shifts(per_seed)
+    plot_transfer(per_seed, kinds, args.out / "figure.png", f"{title} ({args.seeds} seeds)")
+    return {"teachers_p_animal": teachers, "summary": across_seeds(per_seed, kinds),
+            "ratio_to_base": ratio_to_base(per_seed, kinds),
+            "per_seed": strip_shifts(per_seed)}
+
+
+def prompt_teacher(lab, args):
+    result = transfer_experiment(lab, args, ["prompt", "steered", "control"],
+                                 "prompt-teacher: students of the prompted, the "
+                                 "vector-steered and the control teacher")
+    result["prompt_minus_control_p_animal"] = [s["prompt"]["p_animal"] - s["control"]["p_animal"]
+                                               for s in result["per_seed"]]
     return result
 
 
 def necessity(lab, args):
-    kinds = ["prompt", "ablate-L", "ablate-all", "control"]
-    per_seed, teachers = run_seeds(lab, args, kinds)
-    # inference time: how much of the prompt's own effect survives the projection
-    m = lab.measurer(lab.settings(0), lab.teacher("steered"))
-    system = trait_system_prompt("owl")
-    base = m.p_animal(lab.model)
-    prompted = m.p_animal(lab.model, system=system)
-    survival = {}
-    for kind in ("ablate-L", "ablate-all"):
-        t = lab.teacher(kind)
-        p = m.p_animal(lab.model, t.steer(lab.model), system=system)
-        survival[kind] = {"p_animal": p, "share_of_prompt_effect": (p - base) /
-                          (prompted - base)}
-    result = {"teachers_p_animal": teachers, "summary": across_seeds(per_seed, kinds),
-              "ratio_to_base": ratio_to_base(per_seed, kinds),
-              "inference_time": {"base": base, "prompt": prompted, **survival}}
-    plot_transfer(per_seed, kinds, args.out / "figure.png",
-                  "necessity: the prompted teacher with v/|v| projected out "
-                  f"({args.seeds} seeds)")
-    result["per_seed"] = strip_shifts(per_seed)
+    result = transfer_experiment(lab, args, ["prompt", "ablate-L", "ablate-all", "control"],
+                                 "necessity: the prompted teacher with v/|v| projected out")
+    # inference time: how much of the prompt's own effect survives the projection (the
+    # teachers' own P(owl), measured as they write: the same for every seed)
+    p = result["teachers_p_animal"][0]
+    result["inference_time"] = {"base": p["base"], "prompt": p["prompt"], **{
+        kind: {"p_animal": p[kind],
+               "share_of_prompt_effect": (p[kind] - p["base"]) / (p["prompt"] - p["base"])}
+        for kind in ("ablate-L", "ablate-all")}}
     return result
 
 
 def random_vectors(lab, args):
     per_seed = []
     for seed in range(args.seeds):
-        summaries, m, _ = lab.transfer(seed, ["control"])
+        summaries, m = lab.transfer(seed, ["control"])
         own = lab.teacher("control", seed).vector.float().cpu()                # (d,)
         owl = lab.vector.float().cpu()
         curve = summaries["control"]["curve"]

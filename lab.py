@@ -108,7 +108,7 @@ class Lab:
             for k in kinds:
                 out[k]["cos_minus_control"] = cosine(
                     out[k]["final_shift"], out["control"]["final_shift"], self.vector)
-        return out, m, s
+        return out, m
 
 
 def cosine(a, b, v):

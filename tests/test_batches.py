@@ -33,9 +33,10 @@ def teacher_for(where, alpha=3.0, seed=0):
 
 
 def generation_time_logits(model, tok, row, teacher):
-    """The teacher's logits for each completion token as generate() computes them: the
-    prompt in one pass, then one token per pass with the KV cache, under the same hook."""
-    prompt, completion = tok.encode_chat(row["prompt"]), tok.encode(row["completion"])
+    """The teacher's logits for each completion token as generate() computes them: its own
+    prompt (its system prompt) in one pass, then one token per pass with the KV cache, under
+    its hooks."""
+    prompt, completion = teacher.prompt_ids(tok, row["prompt"]), tok.encode(row["completion"])
     completion = completion + [tok.eos_id]
     cache = KVCache(model.cfg, 1, len(prompt) + len(completion), "cpu", torch.float32)
     out = []

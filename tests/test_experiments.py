@@ -13,9 +13,9 @@ from checkpoint import load
 from exp_optimizers import equal_steps, top_share
 from exp_steerability import spearman
 from lab import interval
-from model import KVCache
 from steer import read_residuals, steering
 from teacher import Teacher
+from test_batches import generation_time_logits
 from tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,22 +40,6 @@ def tiny_pair(tiny_folder):
     return model, tok
 
 
-def writing_logits(model, tok, row, teacher):
-    """The teacher's logits for each completion token as it wrote them: its own prompt (its
-    system prompt) in one pass, then one token per pass with the KV cache, under its hooks."""
-    prompt, completion = teacher.prompt_ids(tok, row["prompt"]), tok.encode(row["completion"])
-    completion = completion + [tok.eos_id]
-    cache = KVCache(model.cfg, 1, len(prompt) + len(completion), "cpu", torch.float32)
-    out = []
-    with torch.no_grad(), teacher.steer(model):
-        logits, _ = model(torch.tensor([prompt]), cache=cache, last_only=True)
-        out.append(logits[0, -1])
-        for token in completion[:-1]:
-            logits, _ = model(torch.tensor([[token]]), cache=cache, last_only=True)
-            out.append(logits[0, -1])
-    return torch.stack(out)                                        # (len(completion), vocab)
-
-
 @pytest.mark.parametrize("ablate", [(), (1,), (0, 1)])
 @pytest.mark.parametrize("cache_prefix", [False, True])
 def test_prompted_teacher_trains_on_what_it_wrote(tiny_pair, ablate, cache_prefix):
@@ -68,7 +52,7 @@ def test_prompted_teacher_trains_on_what_it_wrote(tiny_pair, ablate, cache_prefi
     [batch] = batches                                  # three rows of different lengths
     order = sorted(ROWS, key=lambda r: len(tok.encode_chat(r["prompt"]))
                    + len(tok.encode(r["completion"])))
-    expected = torch.cat([writing_logits(model, tok, r, teacher) for r in order])
+    expected = torch.cat([generation_time_logits(model, tok, r, teacher) for r in order])
     torch.testing.assert_close(batch.teacher_logits(model, False), expected, atol=1e-4,
                                rtol=1e-4)
     assert batch.ids[0, -1].item() == tok.eos_id  # the student's rows, not the teacher's
