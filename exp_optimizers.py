@@ -94,7 +94,8 @@ def optimizers(lab, args):
 
 
 def seed_spread(lab, args, chosen):
-    """Adam and SGD at their matched settings, over args.seeds seeds (new data each)."""
+    """Adam and SGD at their matched settings, over args.seeds seeds (new data each); seed
+    0's students are the sweep's own (the same label, settings and data: reused)."""
     out = {}
     for opt in ("adam", "sgd"):
         values = []
@@ -104,9 +105,10 @@ def seed_spread(lab, args, chosen):
             data = {"steered": lab.data(s, teacher, "steered")}
             m = lab.measurer(s, teacher)
             cfg = lab.config(s, opt, chosen[opt]["lr"])
-            _, results = lab.students(s, {f"{opt} matched": ("steered", cfg)},
-                                      {"steered": teacher}, data, m)
-            values.append(results[f"{opt} matched"]["history"][-1]["p_animal"]
+            label = f"{opt} lr {chosen[opt]['lr']:g}"  # the sweep's label
+            _, results = lab.students(s, {label: ("steered", cfg)}, {"steered": teacher},
+                                      data, m)
+            values.append(results[label]["history"][-1]["p_animal"]
                           / m.p_animal(lab.model))
         out[opt] = {"lr": chosen[opt]["lr"], "p_animal_over_base": interval(values)}
     return out

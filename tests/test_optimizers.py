@@ -18,9 +18,10 @@ CASES = [
 ]
 
 
-def run(make, steps=25, sign=False, skip=lambda step, i: False):
+def run(make, steps=25, sign=False, skip=lambda step, i: False, scale=1.0):
     """Parameters after each step, with the same gradient sequence for every optimizer.
-    Parameter i has no gradient (None) at the steps where skip(step, i)."""
+    Parameter i has no gradient (None) at the steps where skip(step, i). scale multiplies
+    every gradient."""
     torch.manual_seed(0)
     params = [torch.randn(7, 5, requires_grad=True), torch.randn(3, requires_grad=True)]
     opt = make(params)
@@ -28,6 +29,7 @@ def run(make, steps=25, sign=False, skip=lambda step, i: False):
     for step in range(steps):
         for i, p in enumerate(params):
             grad = torch.randn(p.shape, generator=g) * 3 + p.detach()  # depends on the weights
+            grad = grad * scale
             p.grad = None if skip(step, i) else grad.sign() if sign else grad
         opt.step()
         history.append([p.detach().clone() for p in params])
@@ -55,6 +57,17 @@ def test_matches_torch_optim_when_a_parameter_has_no_gradient(name, ours, ref, t
     correction then uses that parameter's own step count, not the optimizer's."""
     mine = run(lambda ps: optimizers.make_optimizer(name, ps, 0.1, **ours), skip=sometimes_no_grad)
     reference = run(lambda ps: ref(ps, lr=0.1, **theirs), skip=sometimes_no_grad)
+    for step, (a, b) in enumerate(zip(mine, reference, strict=True)):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, msg=f"{name} differs at step {step + 1}")
+
+
+@pytest.mark.parametrize("name,ours,ref,theirs", CASES)
+def test_matches_torch_optim_on_tiny_gradients(name, ours, ref, theirs):
+    """Gradients of about 3e-6, where eps = 1e-8 is no longer invisible: eps added inside the
+    square root (sqrt(v + eps) = 1e-4) instead of after it (sqrt(v) + eps = 3e-6) fails."""
+    mine = run(lambda ps: optimizers.make_optimizer(name, ps, 1e-3, **ours), scale=1e-6)
+    reference = run(lambda ps: ref(ps, lr=1e-3, **theirs), scale=1e-6)
     for step, (a, b) in enumerate(zip(mine, reference, strict=True)):
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, msg=f"{name} differs at step {step + 1}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoint import load
 from batches import make_batch
@@ -55,6 +56,21 @@ def test_kl_losses_are_zero_for_the_teacher_itself():
     for kind in ("kl_numbers", "kl_full"):
         assert distillation_loss(logits, logits, None, kind).abs().item() < 1e-6
     assert distillation_loss(logits, None, torch.arange(6), "ce") > 0
+
+
+def test_kl_losses_are_teacher_first_like_torch_kl_div():
+    """KL(teacher || student) = sum p_t (log p_t - log p_s), averaged over positions: the
+    teacher's probabilities weight the log ratio. torch's kl_div(input=student log-probs,
+    target=teacher log-probs) is that; KL(student || teacher) differs on these logits."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 30, generator=g), 3 * torch.randn(6, 30, generator=g)
+    expected = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                        reduction="batchmean")
+    reverse = F.kl_div(teacher.log_softmax(-1), student.log_softmax(-1), log_target=True,
+                       reduction="batchmean")
+    assert (expected - reverse).abs() > 0.1  # the two directions are told apart here
+    for kind in ("kl_numbers", "kl_full"):
+        torch.testing.assert_close(distillation_loss(student, teacher, None, kind), expected)
 
 
 def test_cosine_schedule():
