@@ -69,10 +69,10 @@ def steerability(lab, args):
         vector = resolve_vector(animal, lab.model, lab.tok, lab.layer)[0]           # (d,)
         teacher = Teacher(vector, lab.layer, lab.alpha)
         m = lab.measurer(s, teacher, animal)
-        data = {animal: lab.data(s, teacher, f"steered-{animal}")}
-        _, results = lab.students(s, {f"steered-{animal}": (animal, cfg)}, {animal: teacher},
-                                  data, m)
-        final = results[f"steered-{animal}"]["history"][-1]
+        label = "steered" if animal == "owl" else f"steered-{animal}"  # owl: prompt-teacher's
+        data = {animal: lab.data(s, teacher, label)}
+        _, results = lab.students(s, {label: (animal, cfg)}, {animal: teacher}, data, m)
+        final = results[label]["history"][-1]
         base = m.p_animal(lab.model)
         rows.append({"animal": animal, "norm": vector.norm().item(),
                      "steering": steering_peak(lab, animal, vector),
