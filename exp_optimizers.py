@@ -34,6 +34,11 @@ OPTS = ["adam", "adamw", "rmsprop", "signsgd", "sgd", "sgdm"]
 LR_FACTORS = (0.25, 1.0, 4.0)
 
 
+def sweep_label(opt, lr):
+    """A sweep student's label (and cache name): the seed spread reuses seed 0's by it."""
+    return f"{opt} lr {lr:g}"
+
+
 def data_loss(lab, student, batches, loss):
     """The student's mean loss over every batch of its dataset (not one noisy minibatch)."""
     total = 0.0
@@ -56,8 +61,8 @@ def optimizers(lab, args):
     for opt in OPTS:
         default = train.LEARNING_RATES[(s.student, opt)]
         for factor in LR_FACTORS:
-            plan[f"{opt} lr {default * factor:g}"] = ("steered", lab.config(s, opt,
-                                                                           default * factor))
+            plan[sweep_label(opt, default * factor)] = ("steered", lab.config(s, opt,
+                                                                               default * factor))
     full = args.full if args.full is not None else args.preset == "paper"
     if full:
         for opt in ("adam", "sgd"):
@@ -76,7 +81,7 @@ def optimizers(lab, args):
                        "data_loss": data_loss(lab, students[label], batches[cfg.kind],
                                               cfg.loss)}
     base = m.p_animal(lab.model)
-    target = runs[f"adam lr {train.LEARNING_RATES[(s.student, 'adam')]:g}"]["data_loss"]
+    target = runs[sweep_label("adam", train.LEARNING_RATES[(s.student, "adam")])]["data_loss"]
     chosen = {}
     for opt in OPTS:  # the run whose loss is closest to Adam's default (in log scale)
         mine = [r for r in runs.values() if r["opt"] == opt and r["kind"] == s.student
@@ -105,7 +110,7 @@ def seed_spread(lab, args, chosen):
             data = {"steered": lab.data(s, teacher, "steered")}
             m = lab.measurer(s, teacher)
             cfg = lab.config(s, opt, chosen[opt]["lr"])
-            label = f"{opt} lr {chosen[opt]['lr']:g}"  # the sweep's label
+            label = sweep_label(opt, chosen[opt]["lr"])
             _, results = lab.students(s, {label: ("steered", cfg)}, {"steered": teacher},
                                       data, m)
             values.append(results[label]["history"][-1]["p_animal"]

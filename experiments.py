@@ -106,7 +106,7 @@ def write_result(args, result, started):
 TRANSFER = {"samples": 128, "eval_every": 32}
 CPU_DEFAULTS = {"prompt-teacher": TRANSFER, "necessity": TRANSFER, "random": TRANSFER,
                 "layers": TRANSFER, "optimizers": {"steps": 48, "samples": 128},
-                "steerability": {"samples": 128, "eval_every": 32}}
+                "steerability": TRANSFER}
 
 
 def cpu_defaults(args):
