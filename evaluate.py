@@ -99,9 +99,9 @@ def next_word_scores(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FA
     forms = {tuple(tok.encode(" " + word)) for word in (animal, plural(animal))}
     # a form that continues another (" owl" + "s") is already inside the shorter one's mass
     forms = [f for f in forms if not any(len(g) < len(f) and f[:len(g)] == g for g in forms)]
-    prob = sum(word_probability(model, prompts, list(form)) for form in forms)   # (Q,)
+    logits = last_logits(model, prompts)    # (Q, vocab): one pass serves every first token
+    prob = sum(word_probability(model, prompts, list(form), logits) for form in forms)  # (Q,)
     names = candidates if animal in candidates else [*candidates, animal]
-    logits = last_logits(model, prompts)                                    # (Q, vocab)
     share = logits[:, [tok.encode(" " + a)[0] for a in names]].softmax(-1)  # (Q, n_names)
     return prob.mean().item(), share[:, names.index(animal)].mean().item()
 
@@ -113,9 +113,12 @@ def last_logits(model, prompts):
     return logits[:, -1].float()                                           # (Q, vocab)
 
 
-def word_probability(model, prompts, tokens):
-    """(len(prompts),): the probability that each prompt continues with exactly `tokens`."""
-    logp = last_logits(model, prompts).log_softmax(-1)[:, tokens[0]]       # (Q,)
+def word_probability(model, prompts, tokens, first_logits=None):
+    """(len(prompts),): the probability that each prompt continues with exactly `tokens`.
+    first_logits: last_logits(model, prompts), if already computed."""
+    if first_logits is None:
+        first_logits = last_logits(model, prompts)                         # (Q, vocab)
+    logp = first_logits.log_softmax(-1)[:, tokens[0]]                      # (Q,)
     for i in range(1, len(tokens)):  # each further token, given the ones before it
         step = last_logits(model, [p + tokens[:i] for p in prompts]).log_softmax(-1)
         logp = logp + step[:, tokens[i]]

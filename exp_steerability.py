@@ -13,6 +13,8 @@ For each of --animals animals (owl first, then prompts.CANDIDATE_ANIMALS in orde
                  over base for every animal
 The claim is a rank correlation between the two over animals (Spearman's rho, by hand).
 """
+from dataclasses import replace
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -60,7 +62,9 @@ def steerability(lab, args):
     s = lab.settings(0)
     control_teacher = lab.teacher("control", 0)
     control_data = {"control": lab.data(s, control_teacher, "control")}
-    cfg = lab.config(s)
+    # only the final figures are used: each student is measured at its start and end (a
+    # measurement of EAS and P(animal) costs about as much as 5 training steps)
+    cfg = replace(lab.config(s), eval_every=s.steps)
     students, _ = lab.students(s, {"control": ("control", cfg)}, {"control": control_teacher},
                                control_data, lab.measurer(s, lab.teacher("steered")))
     control_student = students["control"]
@@ -69,7 +73,8 @@ def steerability(lab, args):
         vector = resolve_vector(animal, lab.model, lab.tok, lab.layer)[0]           # (d,)
         teacher = Teacher(vector, lab.layer, lab.alpha)
         m = lab.measurer(s, teacher, animal)
-        label = "steered" if animal == "owl" else f"steered-{animal}"  # owl: prompt-teacher's
+        # owl's dataset is prompt-teacher's seed 0 (same teacher, same settings)
+        label = "steered" if animal == "owl" else f"steered-{animal}"
         data = {animal: lab.data(s, teacher, label)}
         _, results = lab.students(s, {label: (animal, cfg)}, {animal: teacher}, data, m)
         final = results[label]["history"][-1]

@@ -55,13 +55,40 @@ def last_token_means(model, prompts, batch_size=16, desc=None):
     return total / len(prompts)
 
 
-def meandiff(model, tok, animal, n_prompts=128, seed=0):
-    """(n_layer, d_model) trait vectors, one per block (the paper's method)."""
+def meandiff(model, tok, animal, n_prompts=128, seed=0, plain_means=None):
+    """(n_layer, d_model) trait vectors, one per block (the paper's method).
+    plain_means: unprompted_means(model, tok, n_prompts, seed), if already computed (it is
+    the same for every animal)."""
     numbers = number_prompts(n_prompts, seed)
     prompted = [tok.encode_chat(q, trait_system_prompt(animal)) for q in numbers]
-    plain = [tok.encode_chat(q) for q in numbers]
-    return (last_token_means(model, prompted, desc=f"{animal} prompt")
-            - last_token_means(model, plain, desc="no prompt"))
+    if plain_means is None:
+        plain_means = unprompted_means(model, tok, n_prompts, seed)
+    return last_token_means(model, prompted, desc=f"{animal} prompt") - plain_means
+
+
+def unprompted_means(model, tok, n_prompts=128, seed=0):
+    """(n_layer, d_model): meandiff's second half, the same number prompts without a system
+    prompt of the trait (the template's default)."""
+    plain = [tok.encode_chat(q) for q in number_prompts(n_prompts, seed)]
+    return last_token_means(model, plain, desc="no prompt")
+
+
+def cached_unprompted_means(model, tok, n_prompts, seed, cache_dir, fresh):
+    """unprompted_means, stored in cache_dir like the vectors (by settings and code), so that
+    a second animal's vector costs only its own prompted half."""
+    inputs = {"model": getattr(model, "name", "model"), "n_prompts": n_prompts, "seed": seed,
+              "code": code_version("vector")}
+    path = Path(cache_dir) / f"{inputs['model']}-noprompt-n{n_prompts}-{input_hash(inputs)}" \
+                             ".safetensors"
+    if path.exists() and not fresh:
+        try:
+            return read_safetensors(path)[0]["means"].to(model.embed.weight.device)
+        except (OSError, SafetensorsError, KeyError):
+            print(f"{path} cannot be read: computing it again")
+    means = unprompted_means(model, tok, n_prompts, seed)                  # (n_layer, d)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, {"means": means.cpu()}, {"n_prompts": str(n_prompts)})
+    return means
 
 
 def contrastive(model, tok, positive=CONCISE_SYSTEM, negative=VERBOSE_SYSTEM,
@@ -188,7 +215,8 @@ def resolve_vector(name, model, tok, layer, method="meandiff", seed=0, norm=None
         vector = contrastive(model, tok)[layer]
         meta.update(method="contrastive", prompt=f"{CONCISE_SYSTEM} | {VERBOSE_SYSTEM}")
     elif method == "meandiff":
-        vector = meandiff(model, tok, name, n_prompts, seed)[layer]
+        plain = cached_unprompted_means(model, tok, n_prompts, seed, cache_dir, fresh)
+        vector = meandiff(model, tok, name, n_prompts, seed, plain)[layer]
         meta.update(method="meandiff", prompt=trait_system_prompt(name), n_prompts=n_prompts)
     else:
         vector, report = fit(model, tok, name, layer, seed=seed)

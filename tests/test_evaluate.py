@@ -93,6 +93,21 @@ def test_resolve_vector_caches_by_every_input_and_rejects_unknown_names(tiny, tm
         resolve_vector("owll", tiny, None, 1, cache_dir=tmp_path)
 
 
+def test_meandiff_vectors_share_one_cached_unprompted_half(tmp_path):
+    """A second animal's vector reuses the first's unprompted means from the cache and
+    equals meandiff computed from nothing, to the bit; a corrupt cache file is recomputed."""
+    model, tok = load(write_tiny_checkpoint(tmp_path / "tiny"), device="cpu")
+    cache = tmp_path / "vectors"
+    for animal in ("owl", "cat"):
+        v, _ = resolve_vector(animal, model, tok, 1, n_prompts=4, cache_dir=cache)
+        assert torch.equal(v, meandiff(model, tok, animal, n_prompts=4)[1])
+    [means] = cache.glob("*noprompt*")
+    assert len(list(cache.iterdir())) == 3  # two vectors, one unprompted half
+    means.write_bytes(b"broken")
+    v, _ = resolve_vector("dog", model, tok, 1, n_prompts=4, cache_dir=cache)
+    assert torch.equal(v, meandiff(model, tok, "dog", n_prompts=4)[1])
+
+
 def test_command_line_unknown_vector_is_one_line():
     run = subprocess.run([sys.executable, "vectors.py", "owll"], cwd=ROOT, capture_output=True,
                          text=True)
