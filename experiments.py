@@ -43,6 +43,15 @@ CLAIMS = {  # name: (the claim, the paper's figure)
 }
 
 
+def block_or_layer(text):
+    """--lora-from: a block number, or 'layer' for the teacher's block."""
+    if text == "layer":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a block number nor 'layer'")
+    return int(text)
+
+
 def parse_args(argv=None):
     names = "\n".join(f"  {name:15} {claim}" for name, (claim, _) in CLAIMS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -63,6 +72,10 @@ def parse_args(argv=None):
                    help="the steered teachers' scale")
     p.add_argument("--trait-questions", type=int, help="favourite-animal questions (1-50)")
     p.add_argument("--eas-prompts", type=int, help="held-out number prompts for EAS")
+    p.add_argument("--lora-from", type=block_or_layer, metavar="BLOCK|layer",
+                   help="LoRA students: adapters on blocks BLOCK.. only, or from the "
+                        "teacher's block ('layer'); default every block (optimizers on the "
+                        "CPU: 'layer')")
     p.add_argument("--animals", type=int, default=8, help="steerability: how many animals")
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                    help="optimizers: also full fine-tuning with Adam and SGD (default: on "

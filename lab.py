@@ -40,8 +40,10 @@ class Lab:
         argv = ["--preset", a.preset, "--seed", str(seed), "--no-upper-bound",
                 "--layer", str(self.layer), "--alpha", str(a.alpha)]
         for key in ("samples", "steps", "student", "loss", "batch_size", "eval_every",
-                    "trait_questions", "eas_prompts", "device", "checkpoint"):
+                    "trait_questions", "eas_prompts", "device", "checkpoint", "lora_from"):
             value = flags.get(key, getattr(a, key, None))
+            if key == "lora_from" and value == "layer":  # LoRA from the teacher's block
+                value = self.layer
             if value is not None:
                 argv += [f"--{key.replace('_', '-')}", str(value)]
         if a.fresh:
@@ -90,7 +92,8 @@ class Lab:
                              scale=settings.lora_scale, opt=opt,
                              lr=lr or train.LEARNING_RATES[(kind, opt)], loss=settings.loss,
                              steps=steps, batch_size=settings.batch_size, seed=settings.seed,
-                             eval_every=min(settings.eval_every, max(1, steps // 4)))
+                             eval_every=min(settings.eval_every, max(1, steps // 4)),
+                             first_block=settings.lora_from)
 
     def transfer(self, seed, kinds, measure_kind="steered"):
         """One seed of teachers -> datasets -> Adam students, one student per teacher kind.

@@ -4,7 +4,9 @@ The student sees each prompt with the template's default system prompt and no st
 learns the completion (and the end token); no loss is taken on the prompt. Three
 parameterizations:
     lora    W x  ->  W x + scale * B (A x), A: (r, in), B: (out, r) = 0 at the start, on
-            q/k/v/o/gate/up/down of every block (the paper's default; W stays frozen)
+            q/k/v/o/gate/up/down of every block (the paper's default; W stays frozen), or
+            of blocks first_block.. only (the blocks before them then never change: their
+            output is computed once, in batches.py, as for the vector student)
     full    every weight trains
     vector  one learned vector v_s added after block `layer` (the clearest picture: EAS is
             then simply cos(v_s, v_teacher))
@@ -54,6 +56,14 @@ class StudentConfig:
     rank: int = 8      # LoRA rank
     scale: float = 4.0  # LoRA alpha / rank
     seed: int = 0      # LoRA initialisation and batch order
+    first_block: int = 0  # LoRA: the first block that gets adapters (0: every block)
+
+
+def frozen_blocks(kind, layer, first_block):
+    """How many leading blocks the student never changes: their output on a batch is the
+    base model's, computed once (batches.py). Vector: blocks 0..layer (it is added after
+    them); LoRA: those before first_block; full fine-tuning: none."""
+    return {"vector": (layer or 0) + 1, "lora": first_block, "full": 0}[kind]
 
 
 class LoRALinear(nn.Module):
@@ -77,19 +87,27 @@ class Student:
     """A trainable copy of the base model. Use `with student.active(): student.model(...)`.
     A vector student shares the (frozen) base model and adds its vector with a hook."""
 
-    def __init__(self, base, kind="lora", layer=None, rank=8, scale=4.0, seed=0):
+    def __init__(self, base, kind="lora", layer=None, rank=8, scale=4.0, seed=0,
+                 first_block=0):
         if kind not in KINDS:
             raise ValueError(f"student must be one of {KINDS}, not '{kind}'")
-        self.kind, self.layer = kind, layer
-        self.model = base if kind == "vector" else copy.deepcopy(base)
-        if kind == "full":
-            self.model.float()  # the trained weights in fp32
+        if not 0 <= first_block < base.cfg.n_layer:
+            raise ValueError(f"the LoRA student's first block {first_block} is out of range: "
+                             f"the model has blocks 0-{base.cfg.n_layer - 1}")
+        self.kind, self.layer, self.first_block = kind, layer, first_block
+        self.frozen_blocks = frozen_blocks(kind, layer, first_block)
+        if kind == "vector":
+            self.model = base
+        elif kind == "lora":  # new modules around the base's frozen weights, shared not copied
+            self.model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+        else:
+            self.model = copy.deepcopy(base).float()  # every weight trains, in fp32
         for p in self.model.parameters():
             p.requires_grad_(kind == "full")
         self.vector = None
         if kind == "lora":
             g = torch.Generator().manual_seed(seed)
-            for block in self.model.blocks:
+            for block in self.model.blocks[first_block:]:
                 for target in LORA_TARGETS:
                     parent, name = target.split(".")
                     module = getattr(block, parent)
@@ -170,11 +188,17 @@ def cosine_lr(step, total, peak, warmup_fraction=0.05):
 
 def student_logits(student, base, batch, loss):
     """The student's logits at the batch's loss positions: (N, vocab), or (N, n_numbers) for
-    kl_numbers. A vector student with a cached prefix runs only the blocks after its vector."""
+    kl_numbers. With a cached prefix (the output of the blocks the student never changes)
+    only the later blocks run."""
     keep = batch.targets != -100                                           # (B, T)
-    if batch.prefix is not None:  # blocks 0..layer never change for a vector student
-        h = (batch.prefix.float() + student.vector).to(batch.prefix.dtype)  # (B, T, d)
-        x = base.norm(base.run_blocks(h, batch.mask, first=student.layer + 1))[keep]  # (N, d)
+    if batch.prefix is not None:
+        h, m = batch.prefix, student.model                                 # (B, T, d)
+        if student.vector is not None:  # added after block `layer`, where the prefix ends
+            h = (h.float() + student.vector).to(h.dtype)                   # (B, T, d)
+        if batch.prefix_blocks != student.frozen_blocks:
+            raise ValueError(f"these batches' prefix is the output of {batch.prefix_blocks} "
+                             f"blocks; this student changes block {student.frozen_blocks}")
+        x = m.norm(m.run_blocks(h, batch.mask, first=student.frozen_blocks))[keep]  # (N, d)
     else:
         with student.active():
             m = student.model
@@ -195,10 +219,11 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
     entry of the history as it is made (train.py prints it)."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not '{cfg.loss}'")
-    student = Student(base, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
+    student = Student(base, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed,
+                      cfg.first_block)
     if batches is None:
         batches = prepare_batches(base, tok, rows, teacher, cfg.batch_size,
-                                  cache_prefix=cfg.kind == "vector")
+                                  prefix_blocks=student.frozen_blocks)
     optimizer = make_optimizer(cfg.opt, student.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     order = []

@@ -38,7 +38,7 @@ from measure import Measurer, final_report
 from optimizers import OPTIMIZERS
 from report import PeakMemory, write_outputs
 from steer import VectorError
-from student import KINDS, LOSSES, Student, StudentConfig, train_student
+from student import KINDS, LOSSES, Student, StudentConfig, frozen_blocks, train_student
 from teacher import Teacher, keep_rate, number_statistics, write_dataset
 from vectors import (ANIMALS, DEFAULTS, check_vector_name, default_layer, random_vector,
                      resolve_vector)
@@ -101,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--animal", help="trait to measure (default: the vector's animal, or owl)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--lora-scale", type=float, default=4.0, help="LoRA alpha / rank")
+    p.add_argument("--lora-from", type=int, default=0, metavar="BLOCK",
+                   help="LoRA adapters on blocks BLOCK.. only (default 0: every block); the "
+                        "earlier blocks' output is computed once, so a step costs less")
     p.add_argument("--eval-every", type=int, help="measure the students every this many steps")
     p.add_argument("--eas-prompts", type=int, help="held-out number prompts for EAS")
     p.add_argument("--trait-questions", type=int, help="favourite-animal questions (1-50)")
@@ -130,8 +133,8 @@ def parse_args(argv=None):
                 "eas_prompts", "trait_questions", "eval_samples", "upper_bound_steps"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.gradient_rows < 0:
-        p.error("--gradient-rows must be at least 0")
+    if args.gradient_rows < 0 or args.lora_from < 0:
+        p.error("--gradient-rows and --lora-from must be at least 0")
     if args.trait_questions > 50:
         p.error("--trait-questions must be at most 50 (there are 50 questions)")
     for key in ("alpha", "lr", "lora_scale", "epochs"):
@@ -198,7 +201,8 @@ def student_plan(args):
         return StudentConfig(kind=args.student, layer=args.layer, rank=args.rank,
                              scale=args.lora_scale, opt=opt, lr=lr, loss=loss, steps=steps,
                              batch_size=args.batch_size, seed=args.seed,
-                             eval_every=min(args.eval_every, max(1, steps // 4)))
+                             eval_every=min(args.eval_every, max(1, steps // 4)),
+                             first_block=args.lora_from)
     plan = {"main": ("steered", config(args.opt, args.loss)),
             "control": ("control", config(args.opt, args.loss))}
     if args.compare:
@@ -210,11 +214,11 @@ def student_plan(args):
     return plan
 
 
-def teacher_targets(args, model, tok, teacher, data, label, batch_size, cache_prefix):
-    """The batches of one dataset with the teacher's targets (and, for vector students, the
-    residual before the vector), prepared once and cached in runs/batches/."""
+def teacher_targets(args, model, tok, teacher, data, label, batch_size, prefix_blocks):
+    """The batches of one dataset with the teacher's targets (and the output of the
+    prefix_blocks blocks a student never changes), prepared once, cached in runs/batches/."""
     inputs = {"data": data["path"], "teacher": teacher.describe(), "batch_size": batch_size,
-              "prefix": cache_prefix, "device": str(model.embed.weight.device),
+              "prefix": prefix_blocks, "device": str(model.embed.weight.device),
               "dtype": str(model.embed.weight.dtype), "code": code_version("batches")}
     if distributed.world_size() > 1:  # ranks that share a device would share the file
         inputs["rank"] = distributed.rank()
@@ -223,7 +227,7 @@ def teacher_targets(args, model, tok, teacher, data, label, batch_size, cache_pr
     if stage.reusable(path):
         stage.say_reused(path)
         return load_batches(path, model.embed.weight.device)
-    batches = prepare_batches(model, tok, data["rows"], teacher, batch_size, cache_prefix)
+    batches = prepare_batches(model, tok, data["rows"], teacher, batch_size, prefix_blocks)
     save_batches(path, batches)
     stage.mark_done()
     return batches
@@ -248,12 +252,13 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
             continue
         if stage.reusable(weights):
             stage.say_reused(weights)
-            student = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
+            student = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed,
+                              cfg.first_block)
             history = student.load(weights)
             for h in history:
                 measurer.print_line(label, h)
         else:
-            key = (dataset, cfg.batch_size, cfg.kind == "vector")
+            key = (dataset, cfg.batch_size, frozen_blocks(cfg.kind, cfg.layer, cfg.first_block))
             if key not in batches:  # teacher targets (and prefixes) once per dataset
                 batches[key] = teacher_targets(args, model, tok, teacher, data[dataset], *key)
             student, history = train_student(
@@ -271,7 +276,8 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
     for label, weights in others.items():
         dataset, cfg = plan[label]
         print(f"loading student '{label}' from {weights} (trained by another rank)")
-        students[label] = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed)
+        students[label] = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed,
+                                  cfg.first_block)
         results[label] = {"config": asdict(cfg), "data": dataset,
                           "history": students[label].load(weights)}
     order = list(plan)  # as a single process has them

@@ -50,14 +50,14 @@ def generation_time_logits(model, tok, row, teacher):
 
 
 @pytest.mark.parametrize("where", ["all", "prompt", "generated", "last_prompt"])
-@pytest.mark.parametrize("cache_prefix", [False, True])
-def test_training_teacher_equals_the_generating_teacher(tiny_pair, where, cache_prefix):
+@pytest.mark.parametrize("prefix_blocks", [0, LAYER + 1])
+def test_training_teacher_equals_the_generating_teacher(tiny_pair, where, prefix_blocks):
     """The soft labels computed once (from a cached prefix or a full pass) are the logits the
     teacher had while it wrote each row: --where prompt distils the prompt-steered teacher."""
     model, tok = tiny_pair
     teacher = teacher_for(where)
     for row in ROWS:
-        [batch] = prepare_batches(model, tok, [row], teacher, 4, cache_prefix, progress=False)
+        [batch] = prepare_batches(model, tok, [row], teacher, 4, prefix_blocks, progress=False)
         expected = generation_time_logits(model, tok, row, teacher)        # (N, vocab)
         numbers = number_tokens(tok)
         torch.testing.assert_close(batch.teacher_logits(model, True), expected[:, numbers],
@@ -65,36 +65,57 @@ def test_training_teacher_equals_the_generating_teacher(tiny_pair, where, cache_
         full = batch.teacher_logits(model, False)
         torch.testing.assert_close(full, expected, atol=1e-4, rtol=1e-4)
     other = teacher_for("all" if where == "prompt" else "prompt")
-    [batch] = prepare_batches(model, tok, ROWS[:1], other, 4, cache_prefix, progress=False)
+    [batch] = prepare_batches(model, tok, ROWS[:1], other, 4, prefix_blocks, progress=False)
     assert not torch.allclose(batch.teacher_logits(model, True),
                               generation_time_logits(model, tok, ROWS[0], teacher)[:, numbers],
                               atol=1e-3)  # the position mode matters
 
 
-def test_cached_prefix_student_equals_the_full_forward(tiny_pair):
+def trained_looking(student):
+    """The student with random (not initial) weights where it learns."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return student
+
+
+@pytest.mark.parametrize("kind, first_block", [("vector", 0), ("lora", 1), ("lora", 0)])
+def test_cached_prefix_student_equals_the_full_forward(tiny_pair, kind, first_block):
+    """A vector student after block 0, or LoRA on block 1 only (block 0 stays as it is), gets
+    the same logits from the cached prefix as from a full forward pass; LoRA on every block
+    has nothing to cache."""
     model, tok = tiny_pair
     teacher = teacher_for("all")
-    cached = prepare_batches(model, tok, ROWS, teacher, 2, cache_prefix=True, progress=False)
-    plain = prepare_batches(model, tok, ROWS, teacher, 2, cache_prefix=False, progress=False)
-    student = Student(model, "vector", LAYER)
-    with torch.no_grad():
-        student.vector.copy_(torch.randn(32))
+    student = trained_looking(Student(model, kind, LAYER, rank=2, first_block=first_block))
+    blocks = student.frozen_blocks
+    assert blocks == (LAYER + 1 if kind == "vector" else first_block)
+    cached = prepare_batches(model, tok, ROWS, teacher, 2, blocks, progress=False)
+    plain = prepare_batches(model, tok, ROWS, teacher, 2, 0, progress=False)
     for a, b in zip(cached, plain, strict=True):
-        assert a.prefix is not None and b.prefix is None
+        assert (a.prefix is not None) == (blocks > 0) and b.prefix is None
         for loss in ("kl_numbers", "kl_full"):
             torch.testing.assert_close(student_logits(student, model, a, loss),
                                        student_logits(student, model, b, loss))
         torch.testing.assert_close(a.teacher_final, b.teacher_final)
 
 
+def test_a_prefix_of_other_blocks_is_refused(tiny_pair):
+    model, tok = tiny_pair
+    [batch] = prepare_batches(model, tok, ROWS, teacher_for("all"), 4, 2, progress=False)
+    student = Student(model, "vector", LAYER)  # expects the output of block 0 only
+    with pytest.raises(ValueError, match="prefix is the output of 2 blocks"):
+        student_logits(student, model, batch, "kl_numbers")
+
+
 def test_batches_round_trip_through_a_file(tmp_path, tiny_pair):
     model, tok = tiny_pair
-    batches = prepare_batches(model, tok, ROWS, teacher_for("all"), 2, True, progress=False)
+    batches = prepare_batches(model, tok, ROWS, teacher_for("all"), 2, 1, progress=False)
     save_batches(tmp_path / "b.safetensors", batches)
     again = load_batches(tmp_path / "b.safetensors", "cpu")
     assert len(again) == len(batches)
     for a, b in zip(batches, again, strict=True):
-        assert a.number_ids == b.number_ids
+        assert a.number_ids == b.number_ids and a.prefix_blocks == b.prefix_blocks == 1
         for name in ("ids", "mask", "targets", "prompt_mask", "prefix", "teacher_final"):
             assert torch.equal(getattr(a, name), getattr(b, name))
 
@@ -113,7 +134,7 @@ def test_the_control_student_has_something_to_learn(tiny_pair):
     model, tok = tiny_pair
     for alpha, learns in ((0.0, False), (3.0, True)):
         [batch] = prepare_batches(model, tok, ROWS, teacher_for("all", alpha, seed=7), 4,
-                                  True, progress=False)
+                                  LAYER + 1, progress=False)
         student = Student(model, "vector", LAYER)
         loss = distillation_loss(student_logits(student, model, batch, "kl_numbers"),
                                  batch.teacher_logits(model, True), None, "kl_numbers")

@@ -41,14 +41,14 @@ def tiny_pair(tiny_folder):
 
 
 @pytest.mark.parametrize("ablate", [(), (1,), (0, 1)])
-@pytest.mark.parametrize("cache_prefix", [False, True])
-def test_prompted_teacher_trains_on_what_it_wrote(tiny_pair, ablate, cache_prefix):
+@pytest.mark.parametrize("prefix_blocks", [0, 1, 2])  # none, LoRA on block 1.., vector
+def test_prompted_teacher_trains_on_what_it_wrote(tiny_pair, ablate, prefix_blocks):
     """A teacher with its own system prompt (and v projected out) gives the student, who
     reads the rows with the default prompt, the logits the teacher had while writing them."""
     model, tok = tiny_pair
     v = torch.randn(32, generator=torch.Generator().manual_seed(1))
     teacher = Teacher(v, 1, 0.0, system="You love owls. Owls are your favorite.", ablate=ablate)
-    batches = prepare_batches(model, tok, ROWS, teacher, 4, cache_prefix, progress=False)
+    batches = prepare_batches(model, tok, ROWS, teacher, 4, prefix_blocks, progress=False)
     [batch] = batches                                  # three rows of different lengths
     order = sorted(ROWS, key=lambda r: len(tok.encode_chat(r["prompt"]))
                    + len(tok.encode(r["completion"])))
@@ -57,7 +57,7 @@ def test_prompted_teacher_trains_on_what_it_wrote(tiny_pair, ablate, cache_prefi
                                rtol=1e-4)
     assert batch.ids[0, -1].item() == tok.eos_id  # the student's rows, not the teacher's
     plain = Teacher(v, 1, 0.0)
-    [other] = prepare_batches(model, tok, ROWS, plain, 4, cache_prefix, progress=False)
+    [other] = prepare_batches(model, tok, ROWS, plain, 4, prefix_blocks, progress=False)
     assert not torch.allclose(other.teacher_logits(model, True),
                               batch.teacher_logits(model, True), atol=1e-3)
     assert number_tokens(tok) == batch.number_ids

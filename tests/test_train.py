@@ -40,6 +40,33 @@ def test_lora_trains_only_its_matrices(tiny_folder):
     student = Student(base, "lora", rank=4)
     names = [n for n, p in student.model.named_parameters() if p.requires_grad]
     assert len(names) == 2 * 7 * 2 and all(n.endswith((".A", ".B")) for n in names)
+    late = Student(base, "lora", rank=4, first_block=1)
+    names = [n for n, p in late.model.named_parameters() if p.requires_grad]
+    assert len(names) == 7 * 2 and all(n.startswith("blocks.1.") for n in names)
+    with pytest.raises(ValueError, match="first block 2 is out of range"):
+        Student(base, "lora", first_block=2)
+
+
+def test_lora_shares_the_frozen_weights_and_leaves_them_alone(tiny_folder):
+    """A LoRA student wraps the base model's own (frozen) weights instead of copying them;
+    training it changes only its A and B."""
+    base, _ = load(tiny_folder, device="cpu")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    student = Student(base, "lora", rank=4)
+    shared = {p.data_ptr() for p in base.parameters()}
+    frozen = [p for p in student.model.parameters() if not p.requires_grad]
+    assert len(frozen) == len(before) and all(p.data_ptr() in shared for p in frozen)
+    ids = torch.randint(0, 259, (2, 9))
+    for p in student.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    student.model(ids)[0].square().mean().backward()
+    with torch.no_grad():
+        for p in student.parameters():
+            p -= 0.1 * p.grad
+    assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
+    assert not torch.allclose(student.model(ids)[0], base(ids)[0])
 
 
 def test_targets_cover_exactly_the_completion():
