@@ -91,7 +91,8 @@ def steerability(lab, args):
     rho = spearman(x, y)
     plot(rows, rho, args.out / "figure.png")
     return {"animals": rows, "spearman_rho": rho, "alphas": ALPHAS,
-            "note": "one seed per animal; rho over len(animals) points"}
+            "note": "one seed per animal; rho over len(animals) points; the students are "
+                    "measured at their first and last step only (not every eval_every)"}
 
 
 def plot(rows, rho, path):
