@@ -74,8 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--eas-prompts", type=int, help="held-out number prompts for EAS")
     p.add_argument("--lora-from", type=block_or_layer, metavar="BLOCK|layer",
                    help="LoRA students: adapters on blocks BLOCK.. only, or from the "
-                        "teacher's block ('layer'); default every block (optimizers on the "
-                        "CPU: 'layer')")
+                        "teacher's block ('layer'); default every block")
     p.add_argument("--animals", type=int, default=8, help="steerability: how many animals")
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                    help="optimizers: also full fine-tuning with Adam and SGD (default: on "

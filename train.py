@@ -133,8 +133,9 @@ def parse_args(argv=None):
                 "eas_prompts", "trait_questions", "eval_samples", "upper_bound_steps"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.gradient_rows < 0 or args.lora_from < 0:
-        p.error("--gradient-rows and --lora-from must be at least 0")
+    for key in ("gradient_rows", "lora_from"):
+        if getattr(args, key) < 0:
+            p.error(f"--{key.replace('_', '-')} must be at least 0")
     if args.trait_questions > 50:
         p.error("--trait-questions must be at most 50 (there are 50 questions)")
     for key in ("alpha", "lr", "lora_scale", "epochs"):

@@ -140,9 +140,23 @@ def test_every_experiment_runs_end_to_end(tmp_path, tiny_folder):
     assert again.returncode == 0 and "student vector" not in again.stderr  # all reused
 
 
+def test_optimizers_with_lora_on_the_late_blocks(tmp_path, tiny_folder):
+    """--student lora --lora-from layer: LoRA students on the teacher's block and after it
+    (block 1 of the tiny model's two), trained from the cached output of block 0."""
+    result = run(tmp_path, tiny_folder, "optimizers", "--student", "lora", "--lora-from",
+                 "layer", "--seeds", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "runs/experiments/optimizers/result.json").read_text())
+    assert {r["kind"] for r in data["runs"].values()} == {"lora"} and len(data["runs"]) == 18
+    assert all(r["eas_by_block"][0] == 0 for r in data["runs"].values())  # block 0 unchanged
+    assert data["settings"]["lora_from"] == "layer"
+
+
 @pytest.mark.parametrize("flags,message", [
     (["nonsense"], "invalid choice"), (["random", "--seeds", "0"], "at least 1"),
-    (["random", "--layer", "9"], "out of range")])
+    (["random", "--layer", "9"], "out of range"),
+    (["optimizers", "--lora-from", "x"], "neither a block number nor 'layer'"),
+    (["optimizers", "--student", "lora", "--lora-from", "5"], "out of range")])
 def test_bad_input_is_one_line(tmp_path, tiny_folder, flags, message):
     command = [sys.executable, str(ROOT / "experiments.py"), *flags, "--checkpoint",
                str(tiny_folder)]
