@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from model import KVCache
+from static_decode import StaticDecoder
 
 
 class GenerateError(ValueError):
@@ -54,12 +55,14 @@ def left_pad(prompts, pad_id=0, device="cpu"):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop_tokens=(),
              allowed_tokens=None, seed=0, pad_id=0, samples_per_prompt=1, progress=False,
-             grammar=None):
+             grammar=None, static=False, compile=False):
     """Sample a completion for each prompt (a list of token-id lists), all in one batch.
     samples_per_prompt > 1 reads each prompt once and samples that many completions of it
     (rows: prompt 0's samples, then prompt 1's, ...).
     allowed_tokens: the only tokens any row may sample. grammar: a per-row constraint, an
     object with allowed() -> (B, vocab) bool and advance(tokens) (teacher.NumberListGrammar).
+    static: decode at fixed shapes (static_decode.py), the same numbers; with compile, the
+    step is compiled (on a GPU: replayed as a CUDA graph). The readable path is the default.
     Returns the new tokens of each row, up to (not including) its first stop token.
     The same seed, prompts and settings give the same completions."""
     check_request(model.cfg, prompts, max_new_tokens)
@@ -83,6 +86,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
     stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
+    decode = StaticDecoder(model, cache, mask, P, compile) if static or compile else None
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = 0
@@ -99,8 +103,11 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
         if finished.all() or step == max_new_tokens - 1:
             break
         mask[:, P + step] = 1
-        logits, _ = model(token[:, None], attention_mask=mask[:, :P + step + 1], cache=cache,
-                          last_only=True)
+        if decode is not None:
+            logits = decode(token, step)                                  # (B, 1, vocab)
+        else:
+            logits, _ = model(token[:, None], attention_mask=mask[:, :P + step + 1],
+                              cache=cache, last_only=True)
 
     completions = []
     for row in out[:, :n_new].tolist():

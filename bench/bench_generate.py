@@ -2,10 +2,13 @@
 
     python bench/bench_generate.py                      # embedded model, batch 16, 64 new tokens
     python bench/bench_generate.py --batch 64 --new-tokens 128 --device cuda
+    python bench/bench_generate.py --batch 256 --device cuda --compile   # + the compiled path
 
 Both load the same checkpoint (the embedded GGUF by default), in the same dtype, and
 sample the same number of new tokens for the same left-padded batch of chat prompts at
-temperature 1 (no early stop, so every row yields exactly --new-tokens tokens).
+temperature 1 (no early stop, so every row yields exactly --new-tokens tokens). --compile
+adds a third row: generate(static=True, compile=True), the fixed-shape step compiled (on a GPU,
+replayed as a CUDA graph; static_decode.py); its compilation is done in the warm-up run.
 Needs the test-only reference packages: pip install -r requirements-dev.txt
 """
 import argparse
@@ -50,6 +53,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs; the best is kept")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time generate(static=True, compile=True)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else auto_device()
@@ -66,8 +71,9 @@ def main():
     prompts = [tok.encode_chat(QUESTIONS[i % len(QUESTIONS)]) for i in range(args.batch)]
     ids, mask = left_pad(prompts, device=device)
 
-    def run_ours():
-        generate(ours, prompts, max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
+    def run_ours(compiled=False):
+        generate(ours, prompts, max_new_tokens=args.new_tokens, temperature=1.0, seed=0,
+                 static=compiled, compile=compiled)
 
     def run_ref():
         with torch.inference_mode():
@@ -82,17 +88,31 @@ def main():
     run_ours(), run_ref()  # warm-up
     n_tokens = args.batch * args.new_tokens
     t_ours, t_ref = timed(run_ours, device, args.repeats), timed(run_ref, device, args.repeats)
+    t_compiled = None
+    if args.compile:
+        started = time.perf_counter()
+        run_ours(True)  # compiles (and records the CUDA graph)
+        warm_up = time.perf_counter() - started
+        t_compiled = timed(lambda: run_ours(True), device, args.repeats)
     figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "batch": args.batch, "new_tokens": args.new_tokens,
                "ours_tokens_per_s": round(n_tokens / t_ours, 1),
                "transformers_tokens_per_s": round(n_tokens / t_ref, 1),
                "speedup": round(t_ref / t_ours, 2), "max_abs_logit_diff": diff,
                "torch_threads": torch.get_num_threads()}
+    if t_compiled is not None:
+        figures |= {"compiled_tokens_per_s": round(n_tokens / t_compiled, 1),
+                    "compiled_speedup": round(t_ref / t_compiled, 2),
+                    "compile_warm_up_s": round(warm_up, 1)}
     print(f"{'':>14} {'tokens/s':>10}   ({figures['batch']} rows x {args.new_tokens} "
           f"new tokens, {device}, {figures['dtype']})")
     print(f"{'this project':>14} {figures['ours_tokens_per_s']:>10}")
     print(f"{'transformers':>14} {figures['transformers_tokens_per_s']:>10}")
     print(f"{'ratio':>14} {figures['speedup']:>10}x")
+    if t_compiled is not None:
+        print(f"{'compiled':>14} {figures['compiled_tokens_per_s']:>10}   "
+              f"({figures['compiled_speedup']}x transformers; the first run, compiling: "
+              f"{figures['compile_warm_up_s']} s)")
     print(f"max |logit difference| on the prompt batch: {diff:.2e}")
     if args.json:
         with open(args.json, "w") as f:
