@@ -58,7 +58,8 @@ def optimizers(lab, args):
     data = {"steered": lab.data(s, teacher, "steered")}
     m = lab.measurer(s, teacher)
     plan = {}
-    for opt in OPTS:
+    opts = args.opts or OPTS
+    for opt in opts:
         default = train.LEARNING_RATES[(s.student, opt)]
         for factor in LR_FACTORS:
             plan[sweep_label(opt, default * factor)] = ("steered", lab.config(s, opt,
@@ -85,7 +86,7 @@ def optimizers(lab, args):
     base = m.p_animal(lab.model)
     target = runs[sweep_label("adam", train.LEARNING_RATES[(s.student, "adam")])]["data_loss"]
     chosen = {}
-    for opt in OPTS:  # the run whose loss is closest to Adam's default (in log scale)
+    for opt in opts:  # the run whose loss is closest to Adam's default (in log scale)
         mine = [r for r in runs.values() if r["opt"] == opt and r["kind"] == s.student
                 and math.isfinite(r["data_loss"])]
         chosen[opt] = min(mine, key=lambda r: abs(math.log(r["data_loss"] / target)))
@@ -101,11 +102,12 @@ def optimizers(lab, args):
 
 
 def seed_spread(lab, args, chosen):
-    """Adam and SGD at their matched settings, over args.seeds seeds (new data each); seed
-    0's students are the sweep's own (the same label, settings and data: reused)."""
+    """Adam and SGD (those of them run) at their matched settings, over args.seeds seeds
+    (new data each): P(animal) over base and EAS. Seed 0's students are the sweep's own (the
+    same label, settings and data: reused)."""
     out = {}
-    for opt in ("adam", "sgd"):
-        values = []
+    for opt in [o for o in ("adam", "sgd") if o in chosen]:
+        values, eas = [], []
         for seed in range(args.seeds):
             s = lab.settings(seed)
             teacher = lab.teacher("steered")
@@ -115,15 +117,17 @@ def seed_spread(lab, args, chosen):
             label = sweep_label(opt, chosen[opt]["lr"])
             _, results = lab.students(s, {label: ("steered", cfg)}, {"steered": teacher},
                                       data, m)
-            values.append(results[label]["history"][-1]["p_animal"]
-                          / m.p_animal(lab.model))
-        out[opt] = {"lr": chosen[opt]["lr"], "p_animal_over_base": interval(values)}
+            final = results[label]["history"][-1]
+            values.append(final["p_animal"] / m.p_animal(lab.model))
+            eas.append(final["eas"])
+        out[opt] = {"lr": chosen[opt]["lr"], "p_animal_over_base": interval(values),
+                    "eas": interval(eas)}
     return out
 
 
 def plot_optimizers(runs, chosen, base, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
-    for opt in OPTS + [k for k in chosen if k.startswith("full")]:
+    for opt in chosen:
         mine = sorted([r for label, r in runs.items() if r["opt"] == opt
                        and (r["kind"] != "full") == (not opt.startswith("full"))
                        or label == opt], key=lambda r: r["data_loss"])

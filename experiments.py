@@ -52,6 +52,17 @@ def block_or_layer(text):
     return int(text)
 
 
+def optimizer_list(text):
+    """--opts: a comma-separated subset of the optimizers experiment's six, with Adam."""
+    from exp_optimizers import OPTS
+    opts = [o.strip() for o in text.split(",") if o.strip()]
+    unknown = [o for o in opts if o not in OPTS]
+    if unknown or "adam" not in opts:
+        raise argparse.ArgumentTypeError(f"'{text}': give optimizers from {', '.join(OPTS)}, "
+                                         f"Adam among them")
+    return [o for o in OPTS if o in opts]
+
+
 def parse_args(argv=None):
     names = "\n".join(f"  {name:15} {claim}" for name, (claim, _) in CLAIMS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -75,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-from", type=block_or_layer, metavar="BLOCK|layer",
                    help="LoRA students: adapters on blocks BLOCK.. only, or from the "
                         "teacher's block ('layer'); default every block")
+    p.add_argument("--opts", type=optimizer_list, metavar="A,B,...",
+                   help="optimizers: which optimizers (default all six; Adam must be one: "
+                        "the others are matched to its loss)")
     p.add_argument("--animals", type=int, default=8, help="steerability: how many animals")
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                    help="optimizers: also full fine-tuning with Adam and SGD (default: on "

@@ -142,12 +142,15 @@ def test_every_experiment_runs_end_to_end(tmp_path, tiny_folder):
 
 def test_optimizers_with_lora_on_the_late_blocks(tmp_path, tiny_folder):
     """--student lora --lora-from layer: LoRA students on the teacher's block and after it
-    (block 1 of the tiny model's two), trained from the cached output of block 0."""
+    (block 1 of the tiny model's two), trained from the cached output of block 0; --opts
+    keeps two of the six optimizers."""
     result = run(tmp_path, tiny_folder, "optimizers", "--student", "lora", "--lora-from",
-                 "layer", "--seeds", "1")
+                 "layer", "--opts", "sgd,adam")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "runs/experiments/optimizers/result.json").read_text())
-    assert {r["kind"] for r in data["runs"].values()} == {"lora"} and len(data["runs"]) == 18
+    assert {r["kind"] for r in data["runs"].values()} == {"lora"} and len(data["runs"]) == 6
+    assert list(data["chosen"]) == ["adam", "sgd"] and set(data["seeds"]) == {"adam", "sgd"}
+    assert len(data["seeds"]["sgd"]["eas"]["values"]) == 2
     assert all(r["eas_by_block"][0] == 0 for r in data["runs"].values())  # block 0 unchanged
     assert data["settings"]["lora_from"] == "layer"
 
@@ -156,6 +159,8 @@ def test_optimizers_with_lora_on_the_late_blocks(tmp_path, tiny_folder):
     (["nonsense"], "invalid choice"), (["random", "--seeds", "0"], "at least 1"),
     (["random", "--layer", "9"], "out of range"),
     (["optimizers", "--lora-from", "x"], "neither a block number nor 'layer'"),
+    (["optimizers", "--opts", "sgd"], "Adam among them"),
+    (["optimizers", "--opts", "adam,lion"], "Adam among them"),
     (["optimizers", "--student", "lora", "--lora-from", "5"], "out of range")])
 def test_bad_input_is_one_line(tmp_path, tiny_folder, flags, message):
     command = [sys.executable, str(ROOT / "experiments.py"), *flags, "--checkpoint",
