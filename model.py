@@ -108,17 +108,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, queries=None):
+        """queries: only the last `queries` positions ask (Q = queries, default T); every
+        position still gives its key and value. Returns (B, Q, d_model)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)             # (B, nh, T, hs)
+        Q = queries or T
+        q = self.q_proj(x[:, T - Q:]).view(B, Q, -1, hd).transpose(1, 2)  # (B, nh, Q, hs)
         k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)             # (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)             # (B, n_kv, T, hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = apply_rotary(q, cos[:, :, T - Q:], sin[:, :, T - Q:])
+        k = apply_rotary(k, cos, sin)
         if cache is not None:  # prepend the keys and values of earlier positions
             k, v = cache.store(layer, k, v)                                # (B, n_kv, S, hs)
-        y = attention(q, k, v, mask)                                       # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, -1)                            # (B, T, nh * hs)
+        if mask is not None:
+            mask = mask[:, :, T - Q:]                                      # (B, 1, Q, S)
+        y = attention(q, k, v, mask)                                       # (B, nh, Q, hs)
+        y = y.transpose(1, 2).reshape(B, Q, -1)                            # (B, Q, nh * hs)
         return self.o_proj(y)
 
 
@@ -144,10 +150,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, self.layer)
+    def forward(self, x, cos, sin, mask, cache=None, queries=None):
+        """queries: the output only at the last `queries` positions (B, queries, d_model);
+        the attention still reads every position's key and value."""
+        h = self.attn_norm(x)
+        if queries:
+            x = x[:, -queries:]                                            # (B, Q, d_model)
+        x = x + self.attn(h, cos, sin, mask, cache, self.layer, queries)
         x = x + self.mlp(self.mlp_norm(x))
-        return x  # (B, T, d_model): the residual stream after this block
+        return x  # (B, T or Q, d_model): the residual stream after this block
 
 
 class KVCache:
@@ -210,14 +221,17 @@ class GPT(nn.Module):
                                    ignore_index=-100)
         return logits, loss
 
-    def run_blocks(self, x, attention_mask=None, cache=None, first=0, last=None):
+    def run_blocks(self, x, attention_mask=None, cache=None, first=0, last=None,
+                   final_positions=None):
         """Blocks first .. last-1 (default: all) on the residual stream x (B, T, d_model);
         returns the stream after them. A later `first` continues from a stream saved after
         block first-1 (batches.py caches it); an earlier `last` stops there (steer.py reads
-        the stream after a block without running the rest)."""
+        the stream after a block without running the rest). final_positions = P: the last
+        block computes only the last P positions, (B, P, d_model): a loss read only there
+        (student.py) saves that block's queries and MLP elsewhere (its keys stay whole)."""
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
-        if attention_mask is None and past == 0:  # one unpadded sequence: plain causal
+        if attention_mask is None and past == 0 and final_positions is None:  # plain causal
             positions = torch.arange(T, device=x.device).expand(B, T)        # (B, T)
             mask = None
         else:
@@ -233,8 +247,12 @@ class GPT(nn.Module):
             mask = (mask | (key_at == query_at))[:, None]                  # (B, 1, T, S)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
                                   self.embed.weight.dtype)
-        for block in self.blocks[first:last]:
-            x = block(x, cos, sin, mask, cache=cache)  # steer.py's hook reads cache=
+        blocks = self.blocks[first:last]
+        if final_positions is not None and len(blocks) == 0:  # nothing to run: just the cut
+            x = x[:, -final_positions:]                                    # (B, P, d_model)
+        for i, block in enumerate(blocks):
+            queries = final_positions if i == len(blocks) - 1 else None
+            x = block(x, cos, sin, mask, cache=cache, queries=queries)  # steer.py reads cache=
         if cache is not None:
             cache.length += T
-        return x                                                           # (B, T, d_model)
+        return x                                          # (B, T or final_positions, d_model)

@@ -39,7 +39,9 @@ def steered_positions(where, decoding, hidden, prompt_mask):
     if prompt_mask is None:  # a prompt pass of generate(), or a forward over prompts only
         prompt = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
     else:
-        prompt = prompt_mask.to(hidden.device).bool()                     # (B, T)
+        # a block asked for its last T positions only (model.run_blocks' final_positions)
+        # outputs those: the mask's last T columns are theirs
+        prompt = prompt_mask.to(hidden.device).bool()[:, -T:]             # (B, T)
     if where == "generated":
         chosen = ~prompt
     elif where == "prompt":

@@ -191,6 +191,10 @@ def student_logits(student, base, batch, loss):
     kl_numbers. With a cached prefix (the output of the blocks the student never changes)
     only the later blocks run."""
     keep = batch.targets != -100                                           # (B, T)
+    # the loss positions are the completions, the last P columns of the left-padded batch:
+    # the last block computes only those (model.run_blocks' final_positions)
+    P = keep.size(1) - int(keep.any(0).float().argmax())
+    keep = keep[:, -P:]                                                    # (B, P)
     if batch.prefix is not None:
         h, m = batch.prefix, student.model                                 # (B, T, d)
         if student.vector is not None:  # added after block `layer`, where the prefix ends
@@ -198,11 +202,13 @@ def student_logits(student, base, batch, loss):
         if batch.prefix_blocks != student.frozen_blocks:
             raise ValueError(f"these batches' prefix is the output of {batch.prefix_blocks} "
                              f"blocks; this student changes block {student.frozen_blocks}")
-        x = m.norm(m.run_blocks(h, batch.mask, first=student.frozen_blocks))[keep]  # (N, d)
+        x = m.run_blocks(h, batch.mask, first=student.frozen_blocks, final_positions=P)
+        x = m.norm(x)[keep]                                                # (N, d)
     else:
         with student.active():
             m = student.model
-            x = m.norm(m.run_blocks(m.embed(batch.ids), batch.mask))[keep]  # (N, d)
+            x = m.run_blocks(m.embed(batch.ids), batch.mask, final_positions=P)
+            x = m.norm(x)[keep]                                            # (N, d)
     head = student.model.lm_head.weight                                    # (vocab, d)
     if loss == "kl_numbers":
         head = head[batch.number_ids]                                      # (n_numbers, d)

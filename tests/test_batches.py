@@ -100,6 +100,22 @@ def test_cached_prefix_student_equals_the_full_forward(tiny_pair, kind, first_bl
         torch.testing.assert_close(a.teacher_final, b.teacher_final)
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("cached", [False, True])
+def test_student_logits_equal_the_models_own(tiny_pair, layer, cached):
+    """student_logits (whose last block computes only the completion columns) equal the
+    model's logits under the student's hook at the positions that predict a completion
+    token; a vector after the last block (layer 1) leaves no block to run on the prefix."""
+    model, tok = tiny_pair
+    student = trained_looking(Student(model, "vector", layer))
+    blocks = student.frozen_blocks if cached else 0
+    [batch] = prepare_batches(model, tok, ROWS, teacher_for("all"), 4, blocks, progress=False)
+    with torch.no_grad(), student.active():
+        logits, _ = model(batch.ids, attention_mask=batch.mask)           # (B, T, vocab)
+    expected = logits[batch.targets != -100]                               # (N, vocab)
+    torch.testing.assert_close(student_logits(student, model, batch, "kl_full"), expected)
+
+
 def test_a_prefix_of_other_blocks_is_refused(tiny_pair):
     model, tok = tiny_pair
     [batch] = prepare_batches(model, tok, ROWS, teacher_for("all"), 4, 2, progress=False)

@@ -93,6 +93,23 @@ def test_fused_attention_equals_written_out(tiny, monkeypatch):
     torch.testing.assert_close(tiny(ids)[0], causal)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("first", [0, 1])
+def test_final_positions_equal_the_full_run(tiny, monkeypatch, fused, first):
+    """run_blocks(final_positions=P): the last block computes only the last P positions of a
+    left-padded batch, and they equal the same columns of the full run."""
+    monkeypatch.setattr(model_module, "FUSED_ATTENTION", fused)
+    ids, mask = left_pad([[4, 5, 6], [1, 2, 3, 4, 5, 6, 7], [9, 8]])        # (3, 7)
+    x = tiny.embed(ids)
+    full = tiny.run_blocks(x, mask, first=first)                           # (3, 7, 32)
+    for P in (1, 3, 7):
+        part = tiny.run_blocks(x, mask, first=first, final_positions=P)
+        assert part.shape == (3, P, 32)
+        torch.testing.assert_close(part, full[:, -P:])
+    assert tiny.run_blocks(x, mask, first=2, final_positions=2).shape == (3, 2, 32)
+
+
 def test_loss_ignores_masked_targets(tiny):
     ids = torch.randint(0, 100, (2, 8))
     targets = ids.roll(-1, dims=1)

@@ -75,6 +75,21 @@ def test_kv_cache_generation_equals_recompute(tiny, vector, where):
     assert cached != unsteered  # the vector is big enough to change the output
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("where", ["all", "prompt", "generated", "last_prompt"])
+def test_a_hook_on_the_last_block_reads_its_masks_columns(tiny, vector, where):
+    """With run_blocks(final_positions=P) the last block outputs only its last P positions;
+    a hook there steers them as it would in the full run (the prompt mask's last P columns)."""
+    ids, mask = left_pad([[4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]])            # (2, 7)
+    prompt_mask = torch.zeros(2, 7, dtype=torch.bool)
+    prompt_mask[:, 3:5] = True                                             # 2 prompt tokens
+    with steering(tiny, LAYER, vector, 3.0, where, prompt_mask=prompt_mask):
+        full = tiny.run_blocks(tiny.embed(ids), mask)                      # (2, 7, 32)
+        for P in (1, 4):
+            part = tiny.run_blocks(tiny.embed(ids), mask, final_positions=P)
+            torch.testing.assert_close(part, full[:, -P:])
+
+
 def test_project_out_removes_the_direction(tiny, vector):
     ids = torch.randint(0, 100, (2, 6))
     with steering(tiny, LAYER, vector, mode="project_out"):
