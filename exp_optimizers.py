@@ -28,7 +28,7 @@ from batches import encode_rows, make_batch  # noqa: E402
 from evaluate import mean_residuals  # noqa: E402
 from gradients import gradient_diagnostic  # noqa: E402
 from lab import interval, summarize  # noqa: E402
-from student import distillation_loss, frozen_blocks, student_logits  # noqa: E402
+from student import distillation_loss, student_logits  # noqa: E402
 
 OPTS = ["adam", "adamw", "rmsprop", "signsgd", "sgd", "sgdm"]
 LR_FACTORS = (0.25, 1.0, 4.0)
@@ -69,8 +69,7 @@ def optimizers(lab, args):
         for opt in ("adam", "sgd"):
             plan[f"full {opt}"] = ("steered", lab.config(s, opt, kind="full"))
     students, results = lab.students(s, plan, {"steered": teacher}, data, m)
-    frozen = {cfg.kind: frozen_blocks(cfg.kind, cfg.layer, cfg.first_block)
-              for _, cfg in plan.values()}
+    frozen = {cfg.kind: cfg.frozen_blocks for _, cfg in plan.values()}
     batches = {kind: train.teacher_targets(s, lab.model, lab.tok, teacher, data["steered"],
                                            "steered", s.batch_size, blocks)
                for kind, blocks in frozen.items()}

@@ -58,6 +58,11 @@ class StudentConfig:
     seed: int = 0      # LoRA initialisation and batch order
     first_block: int = 0  # LoRA: the first block that gets adapters (0: every block)
 
+    @property
+    def frozen_blocks(self):
+        """How many leading blocks this student never changes (see frozen_blocks below)."""
+        return frozen_blocks(self.kind, self.layer, self.first_block)
+
 
 def frozen_blocks(kind, layer, first_block):
     """How many leading blocks the student never changes: their output on a batch is the
@@ -115,6 +120,11 @@ class Student:
         if kind == "vector":
             self.vector = nn.Parameter(torch.zeros(base.cfg.d_model,
                                                    device=base.embed.weight.device))
+
+    @classmethod
+    def from_config(cls, base, cfg):
+        """The (untrained) student that StudentConfig cfg describes."""
+        return cls(base, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed, cfg.first_block)
 
     def parameters(self):
         return list(self.learned().values())
@@ -225,8 +235,7 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
     entry of the history as it is made (train.py prints it)."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not '{cfg.loss}'")
-    student = Student(base, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed,
-                      cfg.first_block)
+    student = Student.from_config(base, cfg)
     if batches is None:
         batches = prepare_batches(base, tok, rows, teacher, cfg.batch_size,
                                   prefix_blocks=student.frozen_blocks)

@@ -38,7 +38,7 @@ from measure import Measurer, final_report
 from optimizers import OPTIMIZERS
 from report import PeakMemory, write_outputs
 from steer import VectorError
-from student import KINDS, LOSSES, Student, StudentConfig, frozen_blocks, train_student
+from student import KINDS, LOSSES, Student, StudentConfig, train_student
 from teacher import Teacher, keep_rate, number_statistics, write_dataset
 from vectors import (ANIMALS, DEFAULTS, check_vector_name, default_layer, random_vector,
                      resolve_vector)
@@ -253,13 +253,12 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
             continue
         if stage.reusable(weights):
             stage.say_reused(weights)
-            student = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed,
-                              cfg.first_block)
+            student = Student.from_config(model, cfg)
             history = student.load(weights)
             for h in history:
                 measurer.print_line(label, h)
         else:
-            key = (dataset, cfg.batch_size, frozen_blocks(cfg.kind, cfg.layer, cfg.first_block))
+            key = (dataset, cfg.batch_size, cfg.frozen_blocks)
             if key not in batches:  # teacher targets (and prefixes) once per dataset
                 batches[key] = teacher_targets(args, model, tok, teacher, data[dataset], *key)
             student, history = train_student(
@@ -277,8 +276,7 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
     for label, weights in others.items():
         dataset, cfg = plan[label]
         print(f"loading student '{label}' from {weights} (trained by another rank)")
-        students[label] = Student(model, cfg.kind, cfg.layer, cfg.rank, cfg.scale, cfg.seed,
-                                  cfg.first_block)
+        students[label] = Student.from_config(model, cfg)
         results[label] = {"config": asdict(cfg), "data": dataset,
                           "history": students[label].load(weights)}
     order = list(plan)  # as a single process has them
