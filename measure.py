@@ -32,6 +32,7 @@ class Measurer:
         self.base_means = mean_residuals(model, self.held_out, self.all_blocks)  # (n_layer, d)
         self.questions = FAVORITE_QUESTIONS[:trait_questions]
         self.v = teacher.vector.float().to(self.base_means.device)               # (d,)
+        self.base_p_animal = None  # P(animal) of the base model, measured once
 
     def describe(self):
         """What determines the measurements (the vector they are taken against, by hash)."""
@@ -45,9 +46,15 @@ class Measurer:
         return means - self.base_means[layers]
 
     def p_animal(self, model, context=None, system=None):
+        plain = (model is self.model and context is None and system is None
+                 and not any(block._forward_hooks for block in model.blocks))  # no steering
+        if plain and self.base_p_animal is not None:  # the base model: measured already
+            return self.base_p_animal
         with torch.no_grad(), (context or torch.no_grad()):
-            return fast_trait_score(model, self.tok, self.animal, self.questions,
-                                    system=system)
+            p = fast_trait_score(model, self.tok, self.animal, self.questions, system=system)
+        if plain:
+            self.base_p_animal = p
+        return p
 
     def alignment(self, shift):
         """EAS, projection (in units of alpha |v|) and norm of one shift (d,)."""
@@ -57,11 +64,16 @@ class Measurer:
                 "shift_norm": shift.norm().item()}
 
     def track(self, student):
-        """Measured at step 0 and every eval_every steps (student.train_student)."""
-        shift = self.shifts(student, [self.teacher.layer])[0]                    # (d,)
-        return {**self.alignment(shift),
-                "p_animal": self.p_animal(student.model, student.active()),
-                "shift": shift.cpu().tolist()}
+        """Measured at step 0 and every eval_every steps (student.train_student). A student
+        that still computes exactly what the base model does (step 0) is not run again: its
+        shift is zero and its P(animal) is the base model's."""
+        if student.is_base():
+            shift = torch.zeros_like(self.v)                                     # (d,)
+            p = self.p_animal(self.model)
+        else:
+            shift = self.shifts(student, [self.teacher.layer])[0]                # (d,)
+            p = self.p_animal(student.model, student.active())
+        return {**self.alignment(shift), "p_animal": p, "shift": shift.cpu().tolist()}
 
     def print_line(self, label, h):
         loss = "" if h["loss"] is None else f"{h['loss']:.4f}"

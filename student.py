@@ -135,6 +135,16 @@ class Student:
             return contextlib.nullcontext()
         return steering(self.model, self.layer, self.vector, alpha=1.0)
 
+    def is_base(self):
+        """True while the student computes exactly what the base model does, as it starts: a
+        zero vector, or LoRA with every B zero. A full copy never counts (in fp32 it is
+        another model)."""
+        if self.vector is not None:
+            return not self.vector.any()
+        if self.kind == "lora":
+            return not any(p.any() for name, p in self.learned().items() if name.endswith(".B"))
+        return False
+
     def learned(self):
         """{name: tensor} of what trains: the vector, the LoRA matrices, or every weight."""
         if self.vector is not None:

@@ -9,6 +9,7 @@ from batches import (encode_rows, load_batches, make_batch, number_tokens, prepa
 from checkpoint import load
 from measure import Measurer, difference_alignment
 from model import KVCache
+from steer import steering
 from student import Student, StudentConfig, distillation_loss, student_logits, train_student
 from teacher import Teacher
 from tiny_checkpoint import write_tiny_checkpoint
@@ -190,6 +191,27 @@ def test_alignment_measures_on_a_constructed_student(tiny_pair, c):
                {"step": 1, "shift": (drift + 3 * teacher.vector).tolist()}]
     control = [{"step": 0, "shift": [0.0] * 32}, {"step": 1, "shift": drift.tolist()}]
     assert difference_alignment(history, control, teacher.vector) == [[1, pytest.approx(1.0)]]
+
+
+@pytest.mark.parametrize("kind", ["vector", "lora"])
+def test_an_untrained_student_is_measured_as_the_base_model(tiny_pair, kind):
+    """At step 0 a student computes exactly what the base model does (a zero vector, LoRA's
+    B = 0): track() gives what running it gives, without running it; a trained one is run;
+    the base model's P(animal) is measured once, and never under an active steering hook."""
+    model, tok = tiny_pair
+    teacher = teacher_for("all", alpha=4.0)
+    m = Measurer(model, tok, teacher, "owl", eas_prompts=3, trait_questions=2)
+    student = Student(model, kind, LAYER, rank=2)
+    assert student.is_base()
+    shift = m.shifts(student, [LAYER])[0]
+    ran = {**m.alignment(shift), "p_animal": m.p_animal(student.model, student.active()),
+           "shift": shift.tolist()}
+    assert m.track(student) == ran
+    trained = trained_looking(Student(model, kind, LAYER, rank=2))
+    assert not trained.is_base()
+    assert m.track(trained)["p_animal"] != ran["p_animal"]
+    with steering(model, LAYER, teacher.vector, 4.0):
+        assert m.p_animal(model) != m.base_p_animal
 
 
 def test_make_batch_marks_the_prompt():
