@@ -5,8 +5,9 @@
 writes runs/experiments/NAME/result.json (every number, per seed, with the settings) and
 figure.png. Each experiment is built from the same stages as train.py (teacher datasets,
 batches, students; all cached by settings and code in runs/), so experiments that share a
-stage share its cost: `necessity`, `random` and `layers` reuse `prompt-teacher`'s datasets
-and students when they have run first.
+stage share its cost: `random` and `layers` reuse `prompt-teacher`'s datasets and students
+when they have run first (`necessity` too, given prompt-teacher's budget: --samples 128
+--steps 128).
 
 Where a difference is claimed, each seed is a new dataset (other prompts, other samples), a
 new control vector and a new batch order; intervals are the mean +- t(0.975, n-1) * sd /
@@ -128,11 +129,15 @@ def write_result(args, result, started):
 # 2 cores (measured: README, "The paper's claims"). Each dataset is 128 lists instead of 256
 # (about 100 s less per teacher to write and prepare), and the students are measured every
 # 32 steps instead of 16 (6 s a measurement); optimizers trains 22 students of 48 steps,
-# steerability 8 animals' vectors, datasets and students. Flags override them.
+# steerability 8 animals' vectors, datasets and students. necessity trains 12 students
+# (4 teachers x 3 seeds) where the others train 9 or fewer; each costs about 3 min at 128
+# lists and 128 steps (36 min in all), so its datasets are 96 lists and its students take
+# 96 steps. With --samples 128 --steps 128 it reuses prompt-teacher's prompt and control
+# students instead. Flags override all of these.
 TRANSFER = {"samples": 128, "eval_every": 32}
-CPU_DEFAULTS = {"prompt-teacher": TRANSFER, "necessity": TRANSFER, "random": TRANSFER,
-                "layers": TRANSFER, "optimizers": {"steps": 48, "samples": 128},
-                "steerability": TRANSFER}
+CPU_DEFAULTS = {"prompt-teacher": TRANSFER, "random": TRANSFER, "layers": TRANSFER,
+                "necessity": {"samples": 96, "steps": 96, "eval_every": 32},
+                "optimizers": {"steps": 48, "samples": 128}, "steerability": TRANSFER}
 
 
 def cpu_defaults(args):

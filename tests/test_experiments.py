@@ -109,6 +109,20 @@ def test_statistics():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
 
 
+def test_cpu_defaults_and_their_overrides():
+    """necessity's CPU default is its own smaller budget (12 students); its flags, or prompt-
+    teacher's budget given as flags, win; the paper preset takes train.py's settings."""
+    from experiments import parse_args
+    own = parse_args(["necessity"])
+    assert (own.samples, own.steps, own.eval_every) == (96, 96, 32)
+    shared = parse_args(["necessity", "--samples", "128", "--steps", "128"])
+    teacher = parse_args(["prompt-teacher"])
+    assert shared.samples == teacher.samples == 128 and shared.steps == 128
+    assert teacher.steps is None  # train.py's cpu preset: 128 steps
+    paper = parse_args(["necessity", "--preset", "paper"])
+    assert paper.samples is None and paper.steps is None
+
+
 def run(tmp_path, tiny_folder, name, *flags):
     command = [sys.executable, str(ROOT / "experiments.py"), name, *TINY, "--checkpoint",
                str(tiny_folder), *flags]
