@@ -31,19 +31,21 @@ class Lab:
         if not 0 <= self.layer < self.model.cfg.n_layer:
             raise ValueError(f"--layer {self.layer} is out of range: the model has blocks "
                              f"0-{self.model.cfg.n_layer - 1}")
+        # --lora-from layer: LoRA on the teacher's block and after it
+        lora_from = getattr(args, "lora_from", None)
+        self.lora_from = self.layer if lora_from == "layer" else lora_from
         self.vector = resolve_vector("owl", self.model, self.tok, self.layer)[0]     # (d,)
-        self.cache = {}
 
-    def settings(self, seed, **flags):
+    def settings(self, seed):
         """train.py's resolved settings for one seed (its validation included)."""
         a = self.args
         argv = ["--preset", a.preset, "--seed", str(seed), "--no-upper-bound",
                 "--layer", str(self.layer), "--alpha", str(a.alpha)]
+        if self.lora_from is not None:
+            argv += ["--lora-from", str(self.lora_from)]
         for key in ("samples", "steps", "student", "loss", "batch_size", "eval_every",
-                    "trait_questions", "eas_prompts", "device", "checkpoint", "lora_from"):
-            value = flags.get(key, getattr(a, key, None))
-            if key == "lora_from" and value == "layer":  # LoRA from the teacher's block
-                value = self.layer
+                    "trait_questions", "eas_prompts", "device", "checkpoint"):
+            value = getattr(a, key, None)
             if value is not None:
                 argv += [f"--{key.replace('_', '-')}", str(value)]
         if a.fresh:
