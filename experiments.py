@@ -136,7 +136,7 @@ def write_result(args, result, started):
 # students instead. Flags override all of these.
 TRANSFER = {"samples": 128, "eval_every": 32}
 CPU_DEFAULTS = {"prompt-teacher": TRANSFER, "random": TRANSFER, "layers": TRANSFER,
-                "necessity": {"samples": 96, "steps": 96, "eval_every": 32},
+                "necessity": TRANSFER | {"samples": 96, "steps": 96},
                 "optimizers": {"steps": 48, "samples": 128}, "steerability": TRANSFER}
 
 
