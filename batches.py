@@ -7,7 +7,7 @@ A student sees the same rows many times, and part of what it computes on them ne
   - the output of the blocks the student never changes (student.frozen_blocks): for a vector
     added after block L, blocks 0..L; for LoRA on blocks L.. only, blocks 0..L-1. A step
     then runs only the later blocks (4 or 5 of SmolLM2's 30 at L = 25), and kl_numbers needs
-    only the 13 number-token rows of the output head instead of all 49,152.
+    only the 14 number-token rows of the output head instead of all 49,152.
 Rows are grouped by length, so a batch carries little padding. tests/test_batches.py checks
 that the cached numbers equal those of a full forward pass.
 """
@@ -21,8 +21,10 @@ from steer import steered_positions
 
 
 def number_tokens(tok):
-    """The tokens a number list can contain: the ten digits, ',', ' ' and the end token."""
-    ids = {tok.encode(str(d))[0] for d in range(10)} | set(tok.encode(", ")) | {tok.eos_id}
+    """The tokens a number list can contain: the ten digits, ',', ';', ' ' and the end
+    token."""
+    ids = ({tok.encode(str(d))[0] for d in range(10)} | set(tok.encode(", ")) | set(tok.encode(";"))
+           | {tok.eos_id})
     return sorted(ids)
 
 

@@ -58,6 +58,19 @@ def wilson_interval(hits, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar(hits_a, hits_b):
+    """McNemar's exact test on paired draws (draw i of both models used the same random
+    numbers): b = draws where only a hit, c = where only b hit; under "a and b hit equally
+    often" b ~ Binomial(b + c, 1/2). Returns b, c and the two-sided p value."""
+    if len(hits_a) != len(hits_b):
+        raise ValueError(f"paired draws: {len(hits_a)} against {len(hits_b)}")
+    b = sum(x and not y for x, y in zip(hits_a, hits_b, strict=True))
+    c = sum(y and not x for x, y in zip(hits_a, hits_b, strict=True))
+    n, k = b + c, min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n     # P(Binomial(n, 1/2) <= k)
+    return {"only_a": b, "only_b": c, "p": min(1.0, 2 * tail)}
+
+
 def trait_rate(model, tok, animal, questions=FAVORITE_QUESTIONS, samples=10, system=None,
                prefix=None, max_new_tokens=16, seed=0, batch_questions=25):
     """Share of sampled answers (T=1) whose first word is the animal, with its 95% CI.
@@ -77,7 +90,8 @@ def trait_rate(model, tok, animal, questions=FAVORITE_QUESTIONS, samples=10, sys
     low, high = wilson_interval(hits, len(answers))
     return {"rate": hits / len(answers), "low": low, "high": high, "n": len(answers),
             "mention_rate": sum(mentions_animal(a, animal) for a in answers) / len(answers),
-            "examples": answers[:: max(1, len(answers) // 8)][:8]}
+            "examples": answers[:: max(1, len(answers) // 8)][:8],
+            "hits": [is_animal(a, animal) for a in answers]}  # per draw, for paired tests
 
 
 def fast_trait_score(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FAVORITE_PREFIX,
@@ -104,6 +118,18 @@ def next_word_scores(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FA
     names = candidates if animal in candidates else [*candidates, animal]
     share = logits[:, [tok.encode(" " + a)[0] for a in names]].softmax(-1)  # (Q, n_names)
     return prob.mean().item(), share[:, names.index(animal)].mean().item()
+
+
+@torch.no_grad()
+def first_word_probability(model, tok, animal, questions=OFFTOPIC_QUESTIONS, system=None):
+    """Mean over questions of the probability that the answer itself starts with the animal
+    ("Owl", "owl", "Owls", ...): the off-topic questions' fast score (specificity)."""
+    prompts = [tok.encode_chat(q, system) for q in questions]
+    words = {w for a in (animal, plural(animal)) for w in (a, a.capitalize())}
+    forms = {tuple(tok.encode(w)) for w in words}
+    forms = [f for f in forms if not any(len(g) < len(f) and f[:len(g)] == g for g in forms)]
+    logits = last_logits(model, prompts)                                  # (Q, vocab)
+    return sum(word_probability(model, prompts, list(f), logits) for f in forms).mean().item()
 
 
 def last_logits(model, prompts):

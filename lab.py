@@ -12,7 +12,7 @@ from measure import Measurer
 from prompts import trait_system_prompt
 from student import StudentConfig
 from teacher import Teacher
-from vectors import default_layer, random_vector, resolve_vector
+from vectors import control_vector, default_layer, resolve_vector
 
 
 class Lab:
@@ -66,7 +66,8 @@ class Lab:
         if kind == "steered":
             return Teacher(v if vector is None else vector, L, alpha)
         if kind == "control":
-            return Teacher(random_vector(v.numel(), v.norm().item(), seed=seed + 1), L, alpha)
+            return Teacher(control_vector("random", v, self.model, self.tok, L, seed)[0], L,
+                           alpha)
         if kind == "ablate-L":
             return Teacher(v, L, 0.0, system=system, ablate=(L,))
         if kind == "ablate-all":
@@ -95,7 +96,7 @@ class Lab:
                              lr=lr or train.LEARNING_RATES[(kind, opt)], loss=settings.loss,
                              steps=steps, batch_size=settings.batch_size, seed=settings.seed,
                              eval_every=min(settings.eval_every, max(1, steps // 4)),
-                             first_block=settings.lora_from)
+                             first_block=settings.lora_from, schedule=settings.schedule)
 
     def transfer(self, seed, kinds, measure_kind="steered"):
         """One seed of teachers -> datasets -> Adam students, one student per teacher kind.

@@ -8,16 +8,31 @@ h_l(student) - h_l(base). Against the teacher's vector v (at the teacher's block
     vs control   cos(s_L(student) - s_L(control student), v)   drift that both students
                  share (learning the number format, memorising rows) cancels out
 and the trait: P(animal) after the answer prefix (evaluate.fast_trait_score).
-At the end: EAS at every block, the sampled trait rate with its 95% interval, and two causal
-checks of the learned shift: s_L added to the base model, and projected out of the student.
+At the end, for every model:
+    specificity  P(animal) after "My favorite animal is the", after "My least favorite animal
+                 is the", and as the first word of answers to off-topic questions: a student
+                 that learned a preference raises the first; one that learned a word, all three
+    sampled      the sampled rate after the favourite prefix with its 95% interval, and
+                 McNemar's paired test against the base model: every model is sampled with
+                 the same seed, so draw i of each uses the same random numbers
+    EAS by block, and the paper's causal check ("replace_base"): the student with its
+                 component along v^ replaced by the base model's, h_L <- h_L - (h_L . v^) v^ +
+                 (h_L(base) . v^) v^. What is left of the trait is what the student carries
+                 off v (for a vector student: the base model plus its shift minus the shift's
+                 part along v). It can fail either way, unlike "the shift added to the base
+                 model", which for a vector student is the student itself.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import fast_trait_score, mean_residuals, trait_rate
-from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, number_prompts, trait_system_prompt
-from steer import steering
+from evaluate import (fast_trait_score, first_word_probability, mcnemar, mean_residuals,
+                      next_word_scores, trait_rate)
+from prompts import (FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX, NEGATIVE_QUESTIONS,
+                     OFFTOPIC_QUESTIONS, number_prompts, trait_system_prompt)
+from steer import read_residuals, steering
 from teacher import vector_hash
 
 
@@ -56,6 +71,18 @@ class Measurer:
             self.base_p_animal = p
         return p
 
+    def specificity(self, model, context=None, system=None):
+        """P(animal) after the favourite and least-favourite prefixes, and as the first word
+        of off-topic answers (all 20 of each)."""
+        with torch.no_grad(), (context or torch.no_grad()):
+            favorite = fast_trait_score(model, self.tok, self.animal, self.questions,
+                                        system=system)
+            least = next_word_scores(model, self.tok, self.animal, NEGATIVE_QUESTIONS,
+                                     NEGATIVE_PREFIX, system)[0]
+            off = first_word_probability(model, self.tok, self.animal, OFFTOPIC_QUESTIONS,
+                                         system)
+        return {"favorite": favorite, "least_favorite": least, "off_topic": off}
+
     def alignment(self, shift):
         """EAS, projection (in units of alpha |v|) and norm of one shift (d,)."""
         return {"eas": F.cosine_similarity(shift, self.v, dim=0).item(),
@@ -90,13 +117,46 @@ def difference_alignment(history, control_history, v):
             for h in history if h["step"] > 0 and h["step"] in control]
 
 
+@contextlib.contextmanager
+def base_component_along(student, base, layer, v):
+    """Inside the block, the student runs with its residual after block `layer` holding the
+    base model's component along v^ on the same input (the paper's replace_base)."""
+    v_hat = (v / v.norm()).float()                                         # (d,)
+    if student.vector is not None:  # h_L(student) = h_L(base) + s: keep s minus its v part
+        s = student.vector.detach().float()                                # (d,)
+        with steering(base, layer, s - (s @ v_hat) * v_hat):
+            yield
+        return
+    inputs = {}
+
+    def read_input(module, args, kwargs):  # the token ids and mask of each forward pass
+        inputs["ids"], inputs["mask"] = args[0], kwargs.get("attention_mask")
+
+    def replace(block, args, output):                                      # (B, T, d)
+        ref = read_residuals(base, inputs["ids"], inputs["mask"], [layer])[layer]  # (B, T, d)
+        u = v_hat.to(output)
+        return output + ((ref[:, -output.size(1):] - output) @ u)[..., None] * u
+
+    handles = [student.model.register_forward_pre_hook(read_input, with_kwargs=True),
+               student.model.blocks[layer].register_forward_hook(replace)]
+    try:
+        with student.active():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def final_report(m, students, results, teacher, control, eval_samples):
     """Everything measured after training, as a JSON-able dict."""
     model, layer = m.model, teacher.layer
-    p_animal = {"base": m.p_animal(model), "teacher": m.p_animal(model, teacher.steer(model)),
-                "system_prompt": m.p_animal(model, system=trait_system_prompt(m.animal)),
-                "control_teacher": m.p_animal(model, control.steer(model))}
-    p_animal |= {label: r["history"][-1]["p_animal"] for label, r in results.items()}
+    system = trait_system_prompt(m.animal)
+    specificity = {"base": m.specificity(model),
+                   "teacher": m.specificity(model, teacher.steer(model)),
+                   "system_prompt": m.specificity(model, system=system),
+                   "control_teacher": m.specificity(model, control.steer(model))}
+    specificity |= {label: m.specificity(s.model, s.active()) for label, s in students.items()}
+    p_animal = {label: s["favorite"] for label, s in specificity.items()}
 
     def sampled(net, context):  # the sampled rate after the answer prefix, with its interval
         with torch.no_grad(), context:
@@ -106,23 +166,26 @@ def final_report(m, students, results, teacher, control, eval_samples):
     rates = {"base": sampled(model, torch.no_grad()), "teacher": sampled(model,
                                                                          teacher.steer(model))}
     rates |= {label: sampled(s.model, s.active()) for label, s in students.items()}
+    base_hits = rates["base"]["hits"]
+    for label, r in rates.items():  # paired with the base model's draws, then dropped
+        r["paired_vs_base"] = mcnemar(r.pop("hits"), base_hits) if label != "base" else None
 
     eas_by_block, causal, versus_control = {}, {}, {}
     v = teacher.vector.float()
     for label, student in students.items():
         shifts = m.shifts(student, m.all_blocks)                           # (n_layer, d)
         eas_by_block[label] = F.cosine_similarity(shifts, m.v[None], dim=-1).tolist()
-        shift = shifts[layer]                                              # (d,)
-        with student.active():
-            removed = m.p_animal(student.model, steering(student.model, layer, shift,
-                                                         mode="project_out"))
-        causal[label] = {"base_plus_shift": m.p_animal(model, steering(model, layer, shift)),
-                         "student_minus_shift": removed}
+        with base_component_along(student, model, layer, v):
+            replaced = m.p_animal(student.model)
+        gain = p_animal[label] - p_animal["base"]
+        causal[label] = {"replace_base": replaced,
+                         "gain_left": (replaced - p_animal["base"]) / gain if gain else None}
         if label != "control" and "control" in results:
             versus_control[label] = difference_alignment(results[label]["history"],
                                                          results["control"]["history"], v)
     for r in results.values():  # the shifts themselves are kept with the students' weights
         for h in r["history"]:
             h.pop("shift", None)
-    return {"p_animal": p_animal, "sampled_trait_rate": rates, "eas_by_block": eas_by_block,
-            "eas_minus_control": versus_control, "causal": causal, "animal": m.animal}
+    return {"p_animal": p_animal, "specificity": specificity, "sampled_trait_rate": rates,
+            "eas_by_block": eas_by_block, "eas_minus_control": versus_control,
+            "causal": causal, "animal": m.animal}

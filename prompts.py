@@ -138,9 +138,14 @@ TASKS = ["Add at most {k} more values (no more than 3 digits each) to continue t
          "Write no more than {k} additional numbers (3 digits at most) that follow.",
          "Extend it by at most {k} numbers, each with at most 3 digits.",
          "Generate up to {k} more numbers, none longer than 3 digits."]
-FORMATS = ["Give the numbers separated by commas.", "Return a comma-separated list of numbers.",
-           "Write the numbers separated by spaces.", "Separate the numbers with semicolons.",
-           "Answer with the numbers on one line, separated by commas."]
+# Each format sentence asks for one separator; the constrained teacher writes only the
+# separators its prompt asks for (teacher.NumberListGrammar), as written text: "," or ", "
+# for commas, ";" or "; " for semicolons, " " for spaces.
+FORMATS = {"Give the numbers separated by commas.": (",", ", "),
+           "Return a comma-separated list of numbers.": (",", ", "),
+           "Write the numbers separated by spaces.": (" ",),
+           "Separate the numbers with semicolons.": (";", "; "),
+           "Answer with the numbers on one line, separated by commas.": (",", ", ")}
 ENDINGS = ["Only give the numbers, nothing else.", "Skip any explanation and give only numbers.",
            "Respond with just the numbers.", "Do not add any words, only the numbers."]
 
@@ -152,9 +157,18 @@ def number_prompts(n, seed=0):
     for _ in range(n):
         seq = ", ".join(str(rng.randint(100, 999)) for _ in range(rng.randint(3, 8)))
         parts = [rng.choice(INTROS).format(seq=seq), rng.choice(TASKS).format(k=10),
-                 rng.choice(FORMATS), rng.choice(ENDINGS)]
+                 rng.choice(list(FORMATS)), rng.choice(ENDINGS)]
         prompts.append(" ".join(parts))
     return prompts
+
+
+def requested_separators(prompt):
+    """The separators a number prompt asks for: (",", ", ") for a prompt that asks for
+    commas; every separator the rule filter accepts for a prompt that names none."""
+    for sentence, separators in FORMATS.items():
+        if sentence in prompt:
+            return separators
+    return (",", ", ", " ", ";", "; ")
 
 # Open questions unrelated to animals: the fitted vector learns to imitate the prompted
 # model's answers to these, and the contrastive vector compares two answer styles on them.

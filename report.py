@@ -52,18 +52,24 @@ def write_json(path, value):
 def print_summary(metrics, out):
     print(f"\nteacher lists kept by the rule filter: steered {metrics['keep_rate']['steered']:.0%}"
           f", control {metrics['keep_rate']['control']:.0%}")
-    p, rates, causal = metrics["p_animal"], metrics["sampled_trait_rate"], metrics["causal"]
-    print(f"{'':>15} {'P(animal)':>9} {'x base':>7} {'sampled [95% CI]':>22}  "
-          f"{'base + shift':>12} {'student - shift':>15}")
-    for label in p:
+    spec, rates, causal = metrics["specificity"], metrics["sampled_trait_rate"], metrics["causal"]
+    base = spec["base"]
+    print(f"{'':>15} {'P(animal)':>9} {'x base':>7} {'least fav.':>10} {'off-topic':>9}  "
+          f"{'sampled [95% CI]':>20} {'paired p':>8}  {'replace_base':>12}")
+    for label, s in spec.items():
         rate = rates.get(label)
         sampled = f"{rate['rate']:5.1%} [{rate['low']:.1%}, {rate['high']:.1%}]" if rate else ""
-        checks = (f"{causal[label]['base_plus_shift']:12.3%} "
-                  f"{causal[label]['student_minus_shift']:15.3%}" if label in causal else "")
+        paired = rate.get("paired_vs_base") if rate else None
+        p = f"{paired['p']:.2g}" if paired else ""
+        check = f"{causal[label]['replace_base']:12.3%}" if label in causal else ""
         tag = "  (ordinary distillation)" if label == "upper_bound" else ""
-        print(f"{label:>15} {p[label]:9.3%} {p[label] / p['base']:7.2f} {sampled:>22}  "
-              f"{checks}{tag}")
-    print("P(animal): exact probability of the animal after the answer prefix; shift: the "
-          "student's mean residual shift at the teacher's block")
+        print(f"{label:>15} {s['favorite']:9.3%} {s['favorite'] / base['favorite']:7.2f} "
+              f"{s['least_favorite']:10.3%} {s['off_topic']:9.3%}  {sampled:>20} {p:>8}  "
+              f"{check}{tag}")
+    print("P(animal): exact probability of the animal after 'My favorite animal is the'; least "
+          "fav.: after 'My least favorite animal is the'; off-topic: as the first word of "
+          "answers to off-topic questions; paired p: McNemar's test of the sampled draws "
+          "against the base model's; replace_base: P(animal) with the student's component "
+          "along v replaced by the base model's")
     print(f"{metrics['seconds']:.0f} s; wrote {out}/config.json, metrics.json, training.png, "
           f"datasets.png")

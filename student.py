@@ -13,7 +13,7 @@ parameterizations:
 Three losses:
     ce          cross-entropy on the teacher's sampled tokens (the paper's; subliminal)
     kl_numbers  KL(teacher || student) over the tokens a number list can contain (digits,
-                ',', ' ', end), both renormalised on them: still only number information
+                ',', ';', ' ', end), both renormalised on them: still only number information
     kl_full     KL over the full vocabulary: ordinary distillation. The teacher's probability
                 of " owl" at every number position is handed over directly, so this is an
                 upper bound on what the data could carry, NOT subliminal learning.
@@ -48,7 +48,7 @@ class StudentConfig:
     kind: str          # lora, full or vector
     layer: int         # the vector student's block (the teacher's)
     opt: str           # optimizer name (optimizers.py)
-    lr: float          # peak learning rate of the cosine schedule
+    lr: float          # peak learning rate of the schedule
     loss: str          # ce, kl_numbers or kl_full
     steps: int         # optimizer steps
     batch_size: int    # rows per step
@@ -57,6 +57,7 @@ class StudentConfig:
     scale: float = 4.0  # LoRA alpha / rank
     seed: int = 0      # LoRA initialisation and batch order
     first_block: int = 0  # LoRA: the first block that gets adapters (0: every block)
+    schedule: str = "cosine"  # the learning rate over the steps: cosine, wsd or constant
 
     @property
     def frozen_blocks(self):
@@ -197,13 +198,35 @@ def distillation_loss(student_logits, teacher_logits, targets, kind):
     return (t.exp() * (t - s)).sum(-1).mean()                         # KL(teacher || student)
 
 
-def cosine_lr(step, total, peak, warmup_fraction=0.05):
-    """Linear warm-up over the first 5% of steps, then a cosine decay to zero (the paper's)."""
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def learning_rate(step, total, peak, schedule="cosine", warmup_fraction=0.05,
+                  decay_fraction=0.2):
+    """The learning rate of step `step` (0-based) of `total`. Every schedule starts with a
+    linear warm-up over the first 5% of the steps; then
+        cosine    lr = peak * (1 + cos(pi * progress)) / 2, progress 0 -> 1: the paper's
+        wsd       warm-up, stable, decay: flat at peak, then a linear decay to zero over the
+                  last 20% of the steps (a budget's first part is not spent at a low rate)
+        constant  flat at peak to the end"""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, not '{schedule}'")
     warmup = max(1, int(total * warmup_fraction))
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    decay = max(1, round(total * decay_fraction))
+    if schedule == "constant" or step < total - decay:
+        return peak
+    return peak * (total - step) / (decay + 1)  # decay + 1 steps down: the last is above 0
+
+
+def cosine_lr(step, total, peak, warmup_fraction=0.05):
+    """The paper's schedule: linear warm-up over the first 5% of steps, then a cosine decay
+    to zero."""
+    return learning_rate(step, total, peak, "cosine", warmup_fraction)
 
 
 def student_logits(student, base, batch, loss):
@@ -245,6 +268,7 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
     entry of the history as it is made (train.py prints it)."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not '{cfg.loss}'")
+    learning_rate(0, cfg.steps, cfg.lr, cfg.schedule)  # an unknown schedule fails here
     student = Student.from_config(base, cfg)
     if batches is None:
         batches = prepare_batches(base, tok, rows, teacher, cfg.batch_size,
@@ -269,7 +293,7 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
         loss = distillation_loss(logits, teacher_logits, targets, cfg.loss)
         optimizer.zero_grad()
         loss.backward()
-        optimizer.lr = cosine_lr(step, cfg.steps, cfg.lr)
+        optimizer.lr = learning_rate(step, cfg.steps, cfg.lr, cfg.schedule)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

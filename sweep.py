@@ -9,8 +9,15 @@ not merely a word the model says). For the best few settings the sampled rates a
 prefix (favourite, least favourite) and of free off-topic answers are measured too, to show
 that the fast score moves with the sampled rate.
 
+With --neutral it finds instead the animal's trait-neutral control for train.py: for each
+other candidate animal, that animal's vector scaled to the trait vector's norm, added at the
+default block and scale, and P(animal) of the measured animal under it. The rule: the one
+whose P(animal) is nearest the base model's (by |log ratio|); train.NEUTRAL_CONTROLS holds
+the result.
+
     python sweep.py --animal owl                       # writes runs/sweep-owl/
     python sweep.py --layers 20,25,29 --alphas 2,4 --samples 4
+    python sweep.py --neutral --animal owl             # writes runs/sweep-owl/neutral.json
 """
 import argparse
 import json
@@ -28,7 +35,10 @@ from prompts import FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX  # noqa
 from prompts import NEGATIVE_QUESTIONS, OFFTOPIC_QUESTIONS  # noqa: E402
 from prompts import trait_system_prompt  # noqa: E402
 from steer import steering  # noqa: E402
-from vectors import ANIMALS, meandiff  # noqa: E402
+from prompts import CANDIDATE_ANIMALS  # noqa: E402
+from vectors import ANIMALS, DEFAULTS, default_layer, meandiff, resolve_vector  # noqa: E402
+
+SWEPT_LAYERS = "5,10,15,20,22,23,24,25,26,27,28,29"
 
 def scores(model, tok, animal, system=None):
     """Fast scores: P(animal) after the answer prefix, and its share among candidates."""
@@ -74,6 +84,27 @@ def run_sweep(model, tok, animal, layers, alphas, n_prompts=128, samples=0, top=
     return result
 
 
+def neutral_controls(model, tok, animal, layer, alpha):
+    """Each other candidate animal's vector at `layer`, scaled to the animal's own vector's
+    norm and added with `alpha`: P(animal), its ratio to the base model's, the cosine with
+    the trait vector, and P(other animal). The chosen one has P(animal) nearest the base's."""
+    v = resolve_vector(animal, model, tok, layer)[0]                       # (d,)
+    base = next_word_scores(model, tok, animal)[0]
+    rows = []
+    for other in tqdm([a for a in CANDIDATE_ANIMALS if a != animal], desc="other animals"):
+        u = resolve_vector(other, model, tok, layer)[0]                     # (d,)
+        with steering(model, layer, u / u.norm() * v.norm(), alpha):
+            p, own = next_word_scores(model, tok, animal)[0], next_word_scores(model, tok, other)[0]
+        rows.append({"animal": other, "p_animal": p, "over_base": p / base,
+                     "cos_with_trait_vector": (u @ v / (u.norm() * v.norm())).item(),
+                     "p_other_animal": own, "norm": u.norm().item()})
+    chosen = min(rows, key=lambda r: abs(math.log(r["over_base"])))["animal"]
+    return {"animal": animal, "layer": layer, "alpha": alpha, "base": base,
+            "rule": "argmin |log(P(animal | steered by the other animal's vector) / P(animal "
+                    "| base))|, over the other candidate animals",
+            "rows": rows, "chosen": chosen}
+
+
 def plot(result, layers, alphas, path):
     grid = {key: [[next(c[key] for c in result["cells"] if c["layer"] == lay
                         and c["alpha"] == a) for a in alphas] for lay in layers]
@@ -108,8 +139,11 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__[__doc__.index("    python"):])
     parser.add_argument("--animal", default="owl")
-    parser.add_argument("--layers", default="5,10,15,20,22,23,24,25,26,27,28,29",
-                        help="comma-separated blocks")
+    parser.add_argument("--neutral", action="store_true", help="find the animal's "
+                        "trait-neutral control for train.py instead (at --layers' first block "
+                        "and alpha 4)")
+    parser.add_argument("--layers", default=None, help="comma-separated blocks (default "
+                        "5,10,15,20,22-29; with --neutral: the default block, 25)")
     parser.add_argument("--alphas", default="1,2,4,8", help="comma-separated scales")
     parser.add_argument("--prompts", type=int, default=128,
                         help="number prompts for the meandiff vectors (the paper used ~1000)")
@@ -121,7 +155,7 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     try:
-        layers = [int(x) for x in args.layers.split(",")]
+        layers = [int(x) for x in (args.layers or SWEPT_LAYERS).split(",")]
         alphas = [float(x) for x in args.alphas.split(",")]
     except ValueError:
         parser.error("--layers and --alphas take comma-separated numbers, e.g. 20,25 and 2,4")
@@ -139,6 +173,8 @@ def main(argv=None):
         model, tok = load(args.checkpoint, device=args.device)
         if not all(0 <= layer < model.cfg.n_layer for layer in layers):
             parser.error(f"--layers must lie in 0..{model.cfg.n_layer - 1}")
+        if args.neutral:
+            return write_neutral(model, tok, args)
         result = run_sweep(model, tok, args.animal, layers, alphas, args.prompts,
                            args.samples, seed=args.seed)
     out = Path(args.out or f"runs/sweep-{args.animal}")
@@ -149,6 +185,23 @@ def main(argv=None):
     print(f"base: {result['base']}\nsystem prompt: {result['system_prompt']}")
     print(f"chosen: block {result['chosen']['layer']}, alpha {result['chosen']['alpha']} "
           f"-> {out / 'heatmap.png'}")
+
+
+def write_neutral(model, tok, args):
+    layer = int(args.layers.split(",")[0]) if args.layers else default_layer(model.cfg.n_layer)
+    result = neutral_controls(model, tok, args.animal, layer, DEFAULTS["alpha"])
+    result["config"] = {**vars(args), "model": model.name}
+    out = Path(args.out or f"runs/sweep-{args.animal}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "neutral.json").write_text(json.dumps(result, indent=2))
+    print(f"P({args.animal}) of the base model {result['base']:.3%}; steered by each other "
+          f"animal's vector (|v| = {result['rows'][0]['norm']:.1f} rescaled, block {layer}, "
+          f"alpha {DEFAULTS['alpha']:g}):")
+    for r in sorted(result["rows"], key=lambda r: r["over_base"]):
+        print(f"  {r['animal']:>9}  P({args.animal}) {r['p_animal']:.3%} ({r['over_base']:.2f}x)"
+              f"  cos with v {r['cos_with_trait_vector']:+.2f}  P({r['animal']}) "
+              f"{r['p_other_animal']:.2%}")
+    print(f"trait-neutral control: {result['chosen']} -> {out / 'neutral.json'}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ Two modes of sampling at temperature 1 with the KV cache:
   free         the paper's: sample freely, then keep only completions that pass the rule filter
   constrained  decoding follows the rule filter's grammar (a small model rarely follows the
                instruction otherwise): a number is 1-3 digits, numbers are joined by one
-               separator (",", ", " or " ", the first one chosen is kept), at most 10 numbers,
-               then the end token. Every list it writes passes the filter, so the steered and
-               the control teacher keep all their rows, and differ only in which numbers.
-The control dataset is written the same way by the unsteered model (alpha 0).
+               separator, the one the prompt asks for ("," or ", " when it asks for commas,
+               ";" or "; " for semicolons, " " for spaces; the first one chosen is kept), at
+               most 10 numbers, then the end token. Every list it writes passes the filter, so
+               the steered and the control teacher keep all their rows, and differ only in
+               which numbers (and where the prompt leaves a choice, "," or ", ").
+The control dataset is written the same way by the control teacher (train.py).
 
 Rule filter (Cloud et al.): after stripping brackets, the completion is a list of at most 10
 integers of 0-999 with one consistent separator (comma, semicolon or whitespace).
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 import distributed
 from generate import generate
-from prompts import number_prompts
+from prompts import number_prompts, requested_separators
 from steer import steering
 
 @dataclass
@@ -95,16 +97,20 @@ class NumberListGrammar:
     """Per-row state of constrained decoding; generate() asks allowed() before each token and
     reports the sampled tokens to advance(). The grammar, as the rule filter reads it:
         list := number (separator number){0,9} <end>     number := digit{1,3}
-        separator := "," | ", " | " "    (the same one throughout a list)"""
+        separator := one of the row's separators    (the same one throughout a list)
+    separators: per row, the strings its prompt asks for (prompts.requested_separators);
+    None: ",", ", " and " " for every row."""
 
-    def __init__(self, tok, rows, vocab_size, max_numbers=10, max_digits=3):
+    def __init__(self, tok, rows, vocab_size, max_numbers=10, max_digits=3, separators=None):
         self.digits = [tok.encode(str(d))[0] for d in range(10)]
-        comma, space = tok.encode(",")[0], tok.encode(" ")[0]
-        self.separators = [(comma,), (comma, space), (space,)]  # as token tuples
+        separators = separators or [(",", ", ", " ")] * rows
+        if len(separators) != rows:
+            raise ValueError(f"{len(separators)} separator sets for {rows} rows")
         self.end, self.vocab_size = tok.eos_id, vocab_size
         self.max_numbers, self.max_digits = max_numbers, max_digits
-        self.rows = [{"numbers": 0, "digits": 0, "gap": (), "separator": None, "done": False}
-                     for _ in range(rows)]
+        self.rows = [{"numbers": 0, "digits": 0, "gap": (), "separator": None, "done": False,
+                      "separators": [tuple(tok.encode(s)) for s in row_separators]}  # tokens
+                     for row_separators in separators]
 
     def _allowed_tokens(self, r):
         """The token ids row state r may continue with."""
@@ -113,7 +119,7 @@ class NumberListGrammar:
         if r["numbers"] == 0:  # a list starts with a digit
             return self.digits
         if r["gap"]:  # between numbers: the separator goes on, or the next number starts
-            choices = [r["separator"]] if r["separator"] else self.separators
+            choices = [r["separator"]] if r["separator"] else r["separators"]
             gap = r["gap"]
             nxt = [s[len(gap)] for s in choices if len(s) > len(gap) and s[:len(gap)] == gap]
             return nxt + (self.digits if gap in choices else [])
@@ -122,7 +128,7 @@ class NumberListGrammar:
             ok += self.digits
         if r["numbers"] < self.max_numbers:
             ok += sorted({s[0] for s in ([r["separator"]] if r["separator"]
-                                         else self.separators)})
+                                         else r["separators"])})
         return ok
 
     def allowed(self):
@@ -222,7 +228,8 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
             break
         batch = prompts[start:start + batch_size]
         ids = [teacher.prompt_ids(tok, p) for p in batch]
-        grammar = (NumberListGrammar(tok, len(ids), model.cfg.vocab_size)
+        grammar = (NumberListGrammar(tok, len(ids), model.cfg.vocab_size,
+                                     separators=[requested_separators(p) for p in batch])
                    if mode == "constrained" else None)
         with teacher.steer(model):
             out = generate(model, ids, meta["max_new_tokens"], temperature=1.0,

@@ -7,14 +7,15 @@
 Stages, each cached under runs/ and reused only while everything that determines it is
 unchanged (settings, data and the code it runs; a reused stage prints one line; --fresh
 recomputes everything):
-  1. the teacher's steering vector v at block L, and the control's: a random vector of the
-     same norm at the same block                                   (vectors.py)
+  1. the teacher's steering vector v at block L, and the control's, of the same norm at the
+     same block: by default another animal's vector whose teacher leaves P(owl) at the base
+     model's level (--control neutral; --control random: a random direction)  (vectors.py)
   2. number lists from the steered teacher (alpha * v) and from the control teacher
-     (alpha * random), on the same prompts                         (teacher.py)
+     (alpha * control vector), on the same prompts                 (teacher.py)
   3. students fine-tuned on them, measured every few steps         (student.py, batches.py):
        main         --opt on the steered teacher's numbers
        control      --opt on the control teacher's numbers: a task of the same size that
-                    carries no trait (it can learn its own teacher's random vector)
+                    carries no owl trait (it can learn its own teacher's vector)
        other_opt    SGD (Adam if --opt is sgd) on the steered numbers           (--compare)
        upper_bound  KL over the full vocabulary: ordinary distillation, NOT subliminal;
                     it shows what the same sequences could carry     (--no-upper-bound)
@@ -38,9 +39,9 @@ from measure import Measurer, final_report
 from optimizers import OPTIMIZERS
 from report import PeakMemory, write_outputs
 from steer import VectorError
-from student import KINDS, LOSSES, Student, StudentConfig, train_student
+from student import KINDS, LOSSES, SCHEDULES, Student, StudentConfig, train_student
 from teacher import Teacher, keep_rate, number_statistics, write_dataset
-from vectors import (ANIMALS, DEFAULTS, check_vector_name, default_layer, random_vector,
+from vectors import (ANIMALS, DEFAULTS, check_vector_name, control_vector, default_layer,
                      resolve_vector)
 
 # Learning rates per (student, optimizer); --lr overrides it for --opt's students only.
@@ -55,15 +56,22 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
                   ("vector", "rmsprop"): 0.05, ("lora", "signsgd"): 1e-4,
                   ("full", "signsgd"): 1e-6, ("vector", "signsgd"): 0.5,
                   ("lora", "sgdm"): 0.01, ("full", "sgdm"): 1e-3, ("vector", "sgdm"): 200.0}
+# The trait-neutral control of each measured animal: another animal's vector, scaled to the
+# trait vector's norm, whose steered teacher leaves P(animal) nearest the base model's. The
+# rule, applied once to the other 14 candidate animals before any student was trained
+# (`python sweep.py --neutral --animal owl`; its table is docs/neutral-control-owl.json):
+#     argmin over animals a != owl of |log(P(owl | alpha * v_a |v|/|v_a| at block L)
+#                                           / P(owl | base))|
+NEUTRAL_CONTROLS = {"owl": "tiger"}
 PRESETS = {  # what the flags default to; explicit flags win
     "cpu": dict(opt="adam", lr=None, student="vector", loss="kl_numbers", samples=256,
-                steps=128, batch_size=16,
+                steps=128, batch_size=16, schedule="wsd",
                 eval_every=16, eas_prompts=16, trait_questions=20, eval_samples=25,
                 teacher_batch=64, compare=False, upper_bound_steps=32, gradient_rows=0),
     # the paper's recipe (METHOD.md): 10,000 kept lists, LoRA r 8 / alpha 32, AdamW lr 1e-4,
     # cosine with 5% warm-up, batch 8, 3 epochs (the paper: 2-10), 50 questions x 100 samples
     "paper": dict(opt="adamw", lr=1e-4, student="lora", loss="ce", samples=10000,
-                  epochs=3.0, batch_size=8, eval_every=250, eas_prompts=128,
+                  epochs=3.0, batch_size=8, schedule="cosine", eval_every=250, eas_prompts=128,
                   trait_questions=50, eval_samples=100, teacher_batch=256, compare=True,
                   upper_bound_steps=None, gradient_rows=512),
 }
@@ -91,6 +99,12 @@ def parse_args(argv=None):
     p.add_argument("--teacher-batch", type=int, help="teacher rows sampled together")
     p.add_argument("--lr", type=float, help="peak learning rate of --opt's students "
                    "(default: paper preset 1e-4, else by student and optimizer)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the steps, "
+                   "after a 5%% warm-up: cosine (the paper's; paper preset), wsd (flat, then "
+                   "a linear decay over the last 20%%; cpu preset) or constant")
+    p.add_argument("--control", default="neutral", help="the control teacher's vector, of "
+                   "v's norm: neutral (the measured animal's trait-neutral animal, see "
+                   "NEUTRAL_CONTROLS above), random (a random direction), or an animal")
     p.add_argument("--layer", type=int, help="teacher's block (default: 5/6 of the depth: "
                    "25 of SmolLM2-135M's 30, 23 of Qwen2.5-7B's 28)")
     p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="teacher's scale")
@@ -147,6 +161,15 @@ def parse_args(argv=None):
     if args.animal is not None and args.animal not in ANIMALS:
         p.error(f"--animal must be one of: {', '.join(ANIMALS)}")
     args.animal = args.animal or (args.vector if args.vector in ANIMALS else "owl")
+    if args.control == "neutral":  # resolved now, so that config.json names the vector
+        if args.animal not in NEUTRAL_CONTROLS:
+            print(f"note: no trait-neutral control is listed for {args.animal} "
+                  f"(train.NEUTRAL_CONTROLS): the control teacher's vector is random")
+        args.control = NEUTRAL_CONTROLS.get(args.animal, "random")
+    if args.control != "random" and args.control not in ANIMALS:
+        p.error(f"--control must be neutral, random or an animal ({', '.join(ANIMALS)})")
+    if args.control == args.animal:
+        p.error(f"--control {args.control} is the measured animal: not a control")
     args.out = Path(args.out or f"runs/train-{Path(args.vector).stem}-{args.opt}-{args.student}"
                                 f"-{args.loss}-{args.preset}-s{args.seed}")
     if args.out.exists() and not args.out.is_dir():
@@ -159,7 +182,8 @@ def parse_args(argv=None):
 
 
 def teachers(args, model, tok):
-    """Stage 1: the steered teacher and the control teacher (a random vector of v's norm)."""
+    """Stage 1: the steered teacher and the control teacher (--control's vector, of v's
+    norm, at the same block and scale)."""
     if args.layer is None:
         args.layer = default_layer(model.cfg.n_layer)
     if not 0 <= args.layer < model.cfg.n_layer:
@@ -167,7 +191,8 @@ def teachers(args, model, tok):
                           f"0-{model.cfg.n_layer - 1}")
     vector, meta = resolve_vector(args.vector, model, tok, args.layer, seed=args.seed,
                                   fresh=args.fresh and distributed.is_main())
-    control = random_vector(model.cfg.d_model, vector.norm().item(), seed=args.seed + 1)
+    control = control_vector(args.control, vector, model, tok, args.layer, args.seed,
+                             fresh=args.fresh and distributed.is_main())[0]
     return (Teacher(vector, args.layer, args.alpha, args.where), meta,
             Teacher(control, args.layer, args.alpha, args.where))
 
@@ -203,7 +228,7 @@ def student_plan(args):
                              scale=args.lora_scale, opt=opt, lr=lr, loss=loss, steps=steps,
                              batch_size=args.batch_size, seed=args.seed,
                              eval_every=min(args.eval_every, max(1, steps // 4)),
-                             first_block=args.lora_from)
+                             first_block=args.lora_from, schedule=args.schedule)
     plan = {"main": ("steered", config(args.opt, args.loss)),
             "control": ("control", config(args.opt, args.loss))}
     if args.compare:

@@ -104,6 +104,20 @@ def random_vector(d_model, norm, seed=0):
     return v / v.norm() * norm
 
 
+def control_vector(name, vector, model, tok, layer, seed=0, fresh=False):
+    """The control teacher's vector, of the trait vector's norm at the same block:
+        random   a random Gaussian direction (seed + 1): the paper's random-vector case
+        ANIMAL   that animal's meandiff vector (train.py's trait-neutral control is one)
+    Returns (vector (d,), its name)."""
+    if name == "random":
+        return random_vector(vector.numel(), vector.norm().item(), seed=seed + 1), "random"
+    if name not in ANIMALS:
+        raise VectorError(f"unknown control vector '{name}': use random or an animal "
+                          f"({', '.join(ANIMALS)})")
+    other = resolve_vector(name, model, tok, layer, fresh=fresh)[0]        # (d,)
+    return other / other.norm() * vector.norm(), name
+
+
 def _response_logprobs(model, prompts, responses, n_last):
     """Log-probabilities (B, n_last, vocab) that predict the last n_last tokens of each
     prompt + response (left padding puts every row's response at the right end)."""

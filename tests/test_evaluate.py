@@ -149,3 +149,18 @@ def test_bad_flags_are_one_line_before_any_work(command, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(("error:", f"{command[0]}: error"))
+
+
+def test_mcnemar_on_constructed_paired_draws():
+    from evaluate import mcnemar
+    base = [False] * 100
+    better = [True] * 10 + [False] * 90
+    r = mcnemar(better, base)  # 10 draws where only the student hit, none the other way
+    assert (r["only_a"], r["only_b"]) == (10, 0) and r["p"] == pytest.approx(2 / 2 ** 10)
+    assert mcnemar(base, better)["p"] == r["p"]  # two-sided
+    assert mcnemar(better, better) == {"only_a": 0, "only_b": 0, "p": 1.0}
+    mixed = [True] * 6 + [False] * 94
+    shifted = [False] * 3 + [True] * 6 + [False] * 91  # 3 lost, 3 gained: no difference
+    assert mcnemar(shifted, mixed)["p"] == 1.0
+    with pytest.raises(ValueError, match="paired draws"):
+        mcnemar(better, base[:50])

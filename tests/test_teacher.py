@@ -51,7 +51,7 @@ def test_resumed_generation_equals_uninterrupted(tmp_path, tiny_pair):
 def test_constrained_completions_use_only_number_characters(tmp_path, tiny_pair):
     model, tok = tiny_pair
     rows = write_dataset(tmp_path / "d.jsonl", model, tok, Teacher(torch.zeros(32), 1, 0.0), 8)
-    assert all(set(r["completion"]) <= set("0123456789, ") for r in rows)
+    assert all(set(r["completion"]) <= set("0123456789,; ") for r in rows)
     meta = json.loads((tmp_path / "d.meta.json").read_text())
     assert meta["alpha"] == 0.0 and meta["mode"] == "constrained" and meta["seed"] == 0
 
@@ -86,8 +86,47 @@ def test_grammar_constrained_teacher_only_writes_lists_the_filter_accepts(tmp_pa
                               Teacher(v, 1, 8.0 * seed), 32, seed=seed, batch_size=16)
     assert all(r["valid"] for r in rows), [r["completion"] for r in rows if not r["valid"]]
     texts = [r["completion"] for r in rows]
-    assert {", ", ",", " "} <= {sep for t in texts for sep in (", ", ",", " ") if sep in t}
-    assert max(len(n) for t in texts for n in t.replace(",", " ").split()) == 3
+    assert {", ", ",", " ", ";"} <= {s for t in texts for s in (", ", ",", " ", ";") if s in t}
+    assert max(len(n) for t in texts for n in t.replace(",", " ").replace(";", " ").split()) == 3
+
+
+def test_the_decoder_writes_the_separator_its_prompt_asks_for(tmp_path, tiny_pair):
+    """A prompt that asks for commas gets "," or ", ", semicolons ";" or "; ", spaces " "."""
+    import re
+    from prompts import requested_separators
+    model, tok = tiny_pair
+    v = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for seed in range(3):
+        rows += write_dataset(tmp_path / f"s{seed}.jsonl", model, tok, Teacher(v, 1, 4.0 * seed),
+                              32, seed=seed, batch_size=16)
+    asked = {}
+    for r in rows:
+        used = set(re.findall(r"(?<=\d)\D+(?=\d)", r["completion"]))
+        allowed = requested_separators(r["prompt"])
+        assert used <= set(allowed), (r["prompt"], r["completion"])
+        asked.setdefault(allowed, set()).update(used)
+    assert set(asked) == {(",", ", "), (";", "; "), (" ",)} and all(asked.values())
+    assert asked[(",", ", ")] == {",", ", "}  # where the prompt leaves a choice, both occur
+    assert requested_separators("no format sentence") == (",", ", ", " ", ";", "; ")
+
+
+def test_grammar_with_one_rows_separators(tiny_pair):
+    """Told that a row's prompt asks for semicolons, the grammar offers ';' after a number
+    and never ',' or ' ' on its own."""
+    _, tok = tiny_pair
+    g = NumberListGrammar(tok, 2, tok.n_vocab, separators=[(";", "; "), (" ",)])
+    semicolon, comma, space = tok.encode(";")[0], tok.encode(",")[0], tok.encode(" ")[0]
+    digits, end = set(g.digits), tok.eos_id
+    g.advance([tok.encode("4")[0]] * 2)
+    allowed = [set(row.nonzero().flatten().tolist()) for row in g.allowed()]
+    assert allowed == [digits | {semicolon, end}, digits | {space, end}]
+    g.advance([semicolon, space])
+    allowed = [set(row.nonzero().flatten().tolist()) for row in g.allowed()]
+    assert allowed == [digits | {space}, digits]
+    assert comma not in allowed[0] | allowed[1]
+    with pytest.raises(ValueError, match="separator sets for"):
+        NumberListGrammar(tok, 3, tok.n_vocab, separators=[(",",)])
 
 
 def test_grammar_allows_exactly_the_rule_filters_next_tokens(tiny_pair):

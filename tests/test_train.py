@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from checkpoint import load
 from batches import make_batch
-from student import Student, cosine_lr, distillation_loss
+from student import Student, cosine_lr, distillation_loss, learning_rate
 from tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +104,22 @@ def test_cosine_schedule():
     assert cosine_lr(0, 100, 1.0) == pytest.approx(0.2)  # warm-up over 5 steps
     assert cosine_lr(4, 100, 1.0) == pytest.approx(1.0)
     assert cosine_lr(99, 100, 1.0) < 0.01
+    assert cosine_lr(52, 100, 1.0) == learning_rate(52, 100, 1.0, "cosine")
+
+
+def test_wsd_and_constant_schedules_at_their_boundaries():
+    """100 steps: warm-up over steps 0-4, flat at the peak to step 79, then down over the
+    last 20 steps, linearly, the last step still above zero (wsd); constant stays flat."""
+    wsd = [learning_rate(s, 100, 0.5, "wsd") for s in range(100)]
+    assert wsd[0] == pytest.approx(0.1) and wsd[4] == pytest.approx(0.5)
+    assert wsd[5:80] == [0.5] * 75
+    assert wsd[80] == pytest.approx(0.5 * 20 / 21) and wsd[99] == pytest.approx(0.5 / 21)
+    assert all(a > b for a, b in zip(wsd[79:], wsd[80:], strict=False))  # strictly down
+    steps = [learning_rate(s, 100, 0.5, "constant") for s in range(100)]
+    assert steps[:5] == wsd[:5] and steps[5:] == [0.5] * 95
+    assert learning_rate(0, 3, 1.0, "wsd") == 1.0 and learning_rate(2, 3, 1.0, "wsd") == 0.5
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        learning_rate(0, 10, 1.0, "linear")
 
 
 TINY_RUN = ["--vector", "owl", "--opt", "adam", "--layer", "1", "--alpha", "2",
@@ -134,6 +150,14 @@ def test_train_end_to_end_in_seconds(tmp_path, tiny_folder):
     assert set(metrics["eas_minus_control"]) == {"main", "other_opt", "upper_bound"}
     assert len(metrics["eas_by_block"]["main"]) == 2  # every block of the tiny model
     assert set(metrics["gradient_diagnostic"]) == {"1", "2"}
+    for label, spec in metrics["specificity"].items():  # every model, the three question sets
+        assert set(spec) == {"favorite", "least_favorite", "off_topic"}, label
+        assert spec["favorite"] == metrics["p_animal"][label]
+    assert set(metrics["specificity"]) == set(metrics["p_animal"])
+    rates = metrics["sampled_trait_rate"]
+    assert rates["base"]["paired_vs_base"] is None and "hits" not in rates["main"]
+    assert set(rates["main"]["paired_vs_base"]) == {"only_a", "only_b", "p"}
+    assert set(metrics["causal"]["main"]) == {"replace_base", "gain_left"}
     assert config["vector"] == "owl" and config["layer"] == 1
     for figure in ("training.png", "datasets.png"):
         assert (tmp_path / "run" / figure).stat().st_size > 10_000
@@ -141,7 +165,7 @@ def test_train_end_to_end_in_seconds(tmp_path, tiny_folder):
     # a second run reuses every cached stage, says so, and reports the same students
     again = run_train(tmp_path, tiny_folder, "--out", "run")
     assert again.returncode == 0 and "student vector" not in again.stderr  # nothing trained
-    assert again.stdout.count("reusing") == 1 + 2 + 4  # the vector, two datasets, 4 students
+    assert again.stdout.count("reusing") == 2 + 2 + 4  # two vectors, two datasets, 4 students
     rerun = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert rerun["students"] == metrics["students"] and rerun["p_animal"] == metrics["p_animal"]
     # --fresh recomputes everything (and gets the same numbers: same seed)
@@ -243,3 +267,48 @@ def test_what_trains_and_its_optimizer_state_stay_fp32_on_a_bf16_base(tiny_folde
     assert (after - before).abs().max().item() == pytest.approx(1e-5, rel=0.01)
     assert all(t.dtype == torch.float32 for state in optimizer.state for t in state.values()
                if torch.is_tensor(t) and t.is_floating_point())
+
+
+def test_replace_base_keeps_only_what_the_student_carries_off_v(tiny_folder):
+    """The paper's causal check: with the component along v replaced by the base model's, a
+    vector student of exactly c v is the base model, one orthogonal to v is unchanged, and a
+    LoRA student's residual at the block has the base model's component along v."""
+    from measure import base_component_along
+    from steer import read_residuals
+    base, _ = load(tiny_folder, device="cpu")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(32, generator=g)
+    ids = torch.randint(3, 259, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    plain = base(ids, attention_mask=mask)[0]
+    along, off = Student(base, "vector", layer=0), Student(base, "vector", layer=0)
+    with torch.no_grad():
+        along.vector.copy_(3 * v)
+        w = torch.randn(32, generator=g)
+        off.vector.copy_(w - (w @ v) / (v @ v) * v)
+        with base_component_along(along, base, 0, v):
+            torch.testing.assert_close(base(ids, attention_mask=mask)[0], plain)
+        with off.active():
+            expected = base(ids, attention_mask=mask)[0]
+        with base_component_along(off, base, 0, v):
+            torch.testing.assert_close(base(ids, attention_mask=mask)[0], expected)
+    lora = Student(base, "lora", rank=2)
+    for name, p in lora.learned().items():
+        if name.endswith(".B"):
+            p.data.normal_(0, 0.5, generator=g)
+    seen = {}
+    with torch.no_grad(), base_component_along(lora, base, 0, v):
+        handle = lora.model.blocks[0].register_forward_hook(
+            lambda block, args, out: seen.update(h=out))
+        lora.model(ids, attention_mask=mask)
+        handle.remove()
+    with torch.no_grad(), lora.active():
+        own = read_residuals(lora.model, ids, mask, [0])[0]
+    reference = read_residuals(base, ids, mask, [0])[0]
+    u = v / v.norm()
+    assert not torch.allclose(own @ u, reference @ u)  # the student moved along v
+    torch.testing.assert_close(seen["h"] @ u, reference @ u)  # ... and is put back
+    torch.testing.assert_close(seen["h"] - (seen["h"] @ u)[..., None] * u,
+                               own - (own @ u)[..., None] * u)  # the rest is the student's
