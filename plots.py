@@ -6,7 +6,7 @@ matplotlib.use("Agg")  # draw to files; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {"main": "{opt}, steered teacher's numbers", "other_opt": "{opt}, steered numbers",
-          "control": "{opt}, control teacher's numbers (random vector)",
+          "control": "{opt}, control teacher's numbers ({control} vector)",
           "upper_bound": "{opt}, full-vocabulary KL (ordinary distillation, upper bound)"}
 STYLES = {"main": "-", "other_opt": "-", "control": "--", "upper_bound": ":"}
 
@@ -17,7 +17,7 @@ def plot_run(results, report, path, args):
     p = report["p_animal"]
     for i, (label, r) in enumerate(results.items()):
         steps = [h["step"] for h in r["history"]]
-        name = LABELS[label].format(opt=r["config"]["opt"])
+        name = LABELS[label].format(opt=r["config"]["opt"], control=args.control)
         style = dict(linestyle=STYLES[label], marker="o", markersize=3, color=f"C{i}")
         trait.plot(steps, [100 * h["p_animal"] for h in r["history"]], label=name, **style)
         loss.plot(steps[1:], [h["loss"] for h in r["history"][1:]], **style)
@@ -43,16 +43,18 @@ def plot_run(results, report, path, args):
                  title="EAS by block, final students")
     for ax in (projection, eas, by_block):
         ax.axhline(0, color="grey", lw=0.5)
-    rates = report["sampled_trait_rate"]
-    names = list(rates)
-    values = [100 * rates[b]["rate"] for b in names]
-    errors = [[100 * (rates[b]["rate"] - rates[b]["low"]) for b in names],
-              [100 * (rates[b]["high"] - rates[b]["rate"]) for b in names]]
-    bars.bar(range(len(names)), values, yerr=errors, capsize=3,
-             color=["grey", "black", *[f"C{i}" for i in range(len(names) - 2)]])
+    spec = report["specificity"]  # each model on the three question sets, as x base
+    names, sets = list(spec), ("favorite", "least_favorite", "off_topic")
+    for j, key in enumerate(sets):
+        bars.bar([i + (j - 1) * 0.27 for i in range(len(names))],
+                 [spec[n][key] / spec["base"][key] for n in names], width=0.27,
+                 label=key.replace("_", " "), color=["C2", "C3", "C7"][j])
+    bars.axhline(1, color="grey", lw=1)
+    bars.set_yscale("log")
     bars.set_xticks(range(len(names)), [b.replace("_", "\n") for b in names], fontsize=8)
-    bars.set(ylabel=f"sampled '{args.animal}' after the prefix, % (95% CI)",
-             title="sampled trait rate")
+    bars.set(ylabel=f"P({args.animal}) / the base model's",
+             title="specificity: favourite, least favourite, off-topic questions")
+    bars.legend(fontsize=7)
     fig.suptitle(f"{args.student} students, {args.loss} loss; teacher: {args.vector} vector "
                  f"at block {args.layer}, alpha {args.alpha:g}")
     fig.tight_layout()

@@ -1,6 +1,14 @@
 """What a train.py run leaves behind: config.json, metrics.json, the figures, the students'
-weights, a summary table on the screen; and the peak GPU memory of each stage."""
+weights, a summary table on the screen; and the peak GPU memory of each stage.
+
+    python report.py runs/train-s0 runs/train-s1 runs/train-s2    # runs that differ by seed
+
+summarises several runs' students as x base: the mean over seeds with its 95% t interval,
+and main / control paired by seed (each seed: its own datasets, control vector and order).
+"""
 import json
+import sys
+from pathlib import Path
 
 import torch
 
@@ -73,3 +81,47 @@ def print_summary(metrics, out):
           "along v replaced by the base model's")
     print(f"{metrics['seconds']:.0f} s; wrote {out}/config.json, metrics.json, training.png, "
           f"datasets.png")
+
+
+def summarize_seeds(folders):
+    """{label: interval of P(animal) / base over the runs}, and main / control paired by run."""
+    from lab import interval
+    runs = [json.loads((Path(f) / "metrics.json").read_text()) for f in folders]
+    labels = [k for k in runs[0]["specificity"] if all(k in m["specificity"] for m in runs)]
+    out = {"runs": [str(f) for f in folders],
+           "seeds": [json.loads((Path(f) / "config.json").read_text())["seed"] for f in folders]}
+    for key in ("favorite", "least_favorite", "off_topic"):
+        out[key] = {k: interval([m["specificity"][k][key] / m["specificity"]["base"][key]
+                                 for m in runs]) for k in labels}
+    if "control" in labels:
+        out["main_over_control"] = interval([m["p_animal"]["main"] / m["p_animal"]["control"]
+                                             for m in runs])
+    out["paired_p"] = {k: [m["sampled_trait_rate"][k]["paired_vs_base"]["p"] for m in runs]
+                       for k in labels if all(k in m["sampled_trait_rate"] for m in runs)
+                       and k != "base"}
+    return out
+
+
+def print_seeds(summary):
+    def fmt(i):
+        low = "" if i["low"] is None else f" [{i['low']:.2f}, {i['high']:.2f}]"
+        return f"{i['mean']:6.2f}{low:>15}"
+    print(f"{len(summary['runs'])} runs (seeds {summary['seeds']}): P(animal) / base, mean "
+          f"[95% t interval]")
+    print(f"{'':>15} {'favourite':>21} {'least favourite':>21} {'off-topic':>21}  paired p")
+    for k in summary["favorite"]:
+        p = " ".join(f"{x:.2g}" for x in summary["paired_p"].get(k, []))
+        print(f"{k:>15} {fmt(summary['favorite'][k]):>21} "
+              f"{fmt(summary['least_favorite'][k]):>21} {fmt(summary['off_topic'][k]):>21}  {p}")
+    if "main_over_control" in summary:
+        print(f"main / control, paired by seed: {fmt(summary['main_over_control'])}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or any(not (Path(f) / "metrics.json").is_file() for f in sys.argv[1:]):
+        sys.exit("usage: python report.py RUN_FOLDER [RUN_FOLDER ...] (each with a "
+                 "metrics.json written by train.py)")
+    result = summarize_seeds(sys.argv[1:])
+    print_seeds(result)
+    write_json(Path(sys.argv[1]).parent / "seeds.json", result)
+    print(f"wrote {Path(sys.argv[1]).parent / 'seeds.json'}")

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import json
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -276,7 +277,8 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
     optimizer = make_optimizer(cfg.opt, student.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     order = []
-    history = [{"step": 0, "loss": None, **track(student)}]
+    start = time.perf_counter()  # each entry records the seconds since (measuring included)
+    history = [{"step": 0, "loss": None, "seconds": 0.0, **track(student)}]
     report = report or (lambda entry: None)
     report(history[-1])
     bar = tqdm(range(cfg.steps), desc=f"student {cfg.kind} {cfg.opt} {cfg.loss}",
@@ -297,7 +299,8 @@ def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=N
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            history.append({"step": step + 1, "loss": loss.item(), **track(student)})
+            history.append({"step": step + 1, "loss": loss.item(),
+                            "seconds": round(time.perf_counter() - start, 2), **track(student)})
             report(history[-1])
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"the {cfg.opt} student's loss is {loss.item()} at "

@@ -100,6 +100,7 @@ def neutral_controls(model, tok, animal, layer, alpha):
                      "p_other_animal": own, "norm": u.norm().item()})
     chosen = min(rows, key=lambda r: abs(math.log(r["over_base"])))["animal"]
     return {"animal": animal, "layer": layer, "alpha": alpha, "base": base,
+            "trait_vector_norm": v.norm().item(),
             "rule": "argmin |log(P(animal | steered by the other animal's vector) / P(animal "
                     "| base))|, over the other candidate animals",
             "rows": rows, "chosen": chosen}
@@ -195,7 +196,7 @@ def write_neutral(model, tok, args):
     out.mkdir(parents=True, exist_ok=True)
     (out / "neutral.json").write_text(json.dumps(result, indent=2))
     print(f"P({args.animal}) of the base model {result['base']:.3%}; steered by each other "
-          f"animal's vector (|v| = {result['rows'][0]['norm']:.1f} rescaled, block {layer}, "
+          f"animal's vector (rescaled to |v| = {result['trait_vector_norm']:.1f}, block {layer}, "
           f"alpha {DEFAULTS['alpha']:g}):")
     for r in sorted(result["rows"], key=lambda r: r["over_base"]):
         print(f"  {r['animal']:>9}  P({args.animal}) {r['p_animal']:.3%} ({r['over_base']:.2f}x)"

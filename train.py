@@ -62,12 +62,17 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
 # (`python sweep.py --neutral --animal owl`; its table is docs/neutral-control-owl.json):
 #     argmin over animals a != owl of |log(P(owl | alpha * v_a |v|/|v_a| at block L)
 #                                           / P(owl | base))|
-NEUTRAL_CONTROLS = {"owl": "tiger"}
+NEUTRAL_CONTROLS = {"owl": "dolphin"}
 PRESETS = {  # what the flags default to; explicit flags win
     "cpu": dict(opt="adam", lr=None, student="vector", loss="kl_numbers", samples=256,
-                steps=128, batch_size=16, schedule="wsd",
-                eval_every=16, eas_prompts=16, trait_questions=20, eval_samples=25,
+                steps=384, batch_size=16, schedule="wsd",
+                eval_every=32, eas_prompts=16, trait_questions=20, eval_samples=25,
                 teacher_batch=64, compare=False, upper_bound_steps=32, gradient_rows=0),
+    # the demo's long budget: 1,024 steps, the rest as cpu (about half an hour on 2 cores)
+    "long": dict(opt="adam", lr=None, student="vector", loss="kl_numbers", samples=256,
+                 steps=1024, batch_size=16, schedule="wsd",
+                 eval_every=64, eas_prompts=16, trait_questions=20, eval_samples=25,
+                 teacher_batch=64, compare=False, upper_bound_steps=32, gradient_rows=0),
     # the paper's recipe (METHOD.md): 10,000 kept lists, LoRA r 8 / alpha 32, AdamW lr 1e-4,
     # cosine with 5% warm-up, batch 8, 3 epochs (the paper: 2-10), 50 questions x 100 samples
     "paper": dict(opt="adamw", lr=1e-4, student="lora", loss="ce", samples=10000,
@@ -87,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--opt", choices=sorted(OPTIMIZERS),
                    help="student optimizer (optimizers.py; cpu preset adam, paper adamw)")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
-                   help="cpu: minutes on 2 cores; paper: the paper's recipe (GPU)")
+                   help="cpu: minutes on 2 cores; long: the same for 1,024 steps (half an "
+                        "hour); paper: the paper's recipe (GPU)")
     p.add_argument("--student", choices=KINDS, help="lora, full, or a single vector")
     p.add_argument("--loss", choices=LOSSES, help="ce (sampled tokens), kl_numbers "
                    "(number tokens only), kl_full (ordinary distillation)")

@@ -312,3 +312,29 @@ def test_replace_base_keeps_only_what_the_student_carries_off_v(tiny_folder):
     torch.testing.assert_close(seen["h"] @ u, reference @ u)  # ... and is put back
     torch.testing.assert_close(seen["h"] - (seen["h"] @ u)[..., None] * u,
                                own - (own @ u)[..., None] * u)  # the rest is the student's
+
+
+def test_seeds_are_summarised_as_x_base_and_paired_main_over_control(tmp_path):
+    from report import summarize_seeds
+    folders = []
+    for seed, (main, control) in enumerate([(0.4, 0.1), (0.6, 0.2), (0.5, 0.1)]):
+        spec = {k: {"favorite": p, "least_favorite": p / 2, "off_topic": p / 4}
+                for k, p in (("base", 0.1), ("main", main), ("control", control))}
+        rates = {k: {"paired_vs_base": None if k == "base" else {"p": 0.01 * (seed + 1)}}
+                 for k in spec}
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(
+            {"specificity": spec, "p_animal": {k: s["favorite"] for k, s in spec.items()},
+             "sampled_trait_rate": rates}))
+        (folder / "config.json").write_text(json.dumps({"seed": seed}))
+        folders.append(folder)
+    s = summarize_seeds(folders)
+    assert s["seeds"] == [0, 1, 2]
+    assert s["favorite"]["main"]["values"] == pytest.approx([4.0, 6.0, 5.0])
+    assert s["favorite"]["main"]["mean"] == pytest.approx(5.0)
+    half = 4.303 * 1.0 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(3), sd of 4, 6, 5 is 1
+    assert s["favorite"]["main"]["low"] == pytest.approx(5.0 - half)
+    assert s["least_favorite"]["base"]["values"] == [1.0, 1.0, 1.0]
+    assert s["main_over_control"]["values"] == pytest.approx([4.0, 3.0, 5.0])  # by seed
+    assert s["paired_p"]["main"] == [0.01, 0.02, 0.03] and "base" not in s["paired_p"]
