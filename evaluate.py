@@ -10,8 +10,8 @@ animal is the", the model's probability that the next word is " owl" (or " owls"
 expectation of the sampled rate after that prefix. Its share among a fixed list of candidate
 animals is reported too (it ignores the many non-animal continuations a small model samples).
 
-EAS (the paper's alignment measure): v_student = mean over number prompts and all their
-tokens of h_l(student) - h_l(base), at block l; EAS = cos(v_student, v_teacher).
+What a student learned (EAS, projection on v, the causal check) is measured in
+alignment.py.
 
     python evaluate.py --animal owl                         # the base model
     python evaluate.py --animal owl --system-prompt         # with the trait system prompt
@@ -24,12 +24,10 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 
-from generate import generate, left_pad
+from generate import GenerateError, generate, left_pad
 from prompts import (CANDIDATE_ANIMALS, FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX,
                      NEGATIVE_QUESTIONS, OFFTOPIC_QUESTIONS, plural, trait_system_prompt)
-from steer import read_residuals
 
 
 def first_word(answer):
@@ -168,30 +166,8 @@ def trait_report(model, tok, animal, samples=10, system=None, seed=0):
     return report
 
 
-@torch.no_grad()
-def mean_residuals(model, prompts, layers, batch_size=32):
-    """(len(layers), d_model): the residual after each block in `layers`, averaged over every
-    real token of every prompt (token-id lists)."""
-    device = model.embed.weight.device
-    total = torch.zeros(len(layers), model.cfg.d_model, device=device)
-    count = 0
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start:start + batch_size], device=device)  # (B, P)
-        seen = read_residuals(model, ids, mask, layers)
-        real = mask.bool()
-        for i, layer in enumerate(layers):
-            total[i] += seen[layer][real].float().sum(dim=0)               # (d,)
-        count += int(real.sum())
-    return total / count
-
-
-def eas(student_means, base_means, teacher_vector):
-    """cos(v_student, v_teacher) with v_student = student_means - base_means (per layer)."""
-    v_student = student_means - base_means                                 # (layers, d)
-    return F.cosine_similarity(v_student, teacher_vector.to(v_student)[None], dim=-1)
-
-
 def main(argv=None):
+    from loaders.checkpoint import add_model_flags, load, report_errors
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__[__doc__.index("    python"):])
@@ -204,24 +180,24 @@ def main(argv=None):
     parser.add_argument("--method", default="meandiff", choices=["meandiff", "fit"])
     parser.add_argument("--layer", type=int, default=None, help="block to steer after")
     parser.add_argument("--alpha", type=float, default=None, help="steering scale")
-    parser.add_argument("--samples", type=int, default=10, help="samples per question")
+    parser.add_argument("--samples-per-question", type=int, default=10,
+                        help="samples of each question (train.py's --samples counts "
+                             "teacher prompts)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--device", default=None)
+    add_model_flags(parser)
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
-    if args.samples < 1:
-        parser.error("--samples must be at least 1")
+    if args.samples_per_question < 1:
+        parser.error("--samples-per-question must be at least 1")
     if args.alpha is not None and not math.isfinite(args.alpha):
         parser.error("--alpha must be a finite number")
     from vectors import ANIMALS
     if args.animal not in ANIMALS:
         parser.error(f"--animal must be one of: {', '.join(ANIMALS)}")
 
-    from checkpoint import load, report_errors
     from steer import VectorError, steering
     from vectors import DEFAULTS, check_vector_name, default_layer, resolve_vector
-    with report_errors(VectorError):
+    with report_errors(VectorError, GenerateError):
         if args.vector:
             check_vector_name(args.vector)  # fail before loading the model
         model, tok = load(args.checkpoint, device=args.device)
@@ -234,7 +210,8 @@ def main(argv=None):
             context = steering(model, layer, vector, alpha)
             setting = {"vector": args.vector, "layer": layer, "alpha": alpha, **meta}
         with context:
-            report = trait_report(model, tok, args.animal, args.samples, system, args.seed)
+            report = trait_report(model, tok, args.animal, args.samples_per_question, system,
+                                  args.seed)
     report["setting"] = {**vars(args), **setting}
     print(f"{'questions':>18} {'first word':>10} {'95% CI':>15} {'mentions':>9} {'n':>6}")
     for key in ("favorite", "favorite_prefixed", "negative", "negative_prefixed", "offtopic"):

@@ -19,8 +19,9 @@ import json
 import time
 from pathlib import Path
 
-import train
-from vectors import ANIMALS
+from config import PRESETS
+from loaders.checkpoint import add_model_flags
+from vectors import ANIMALS, DEFAULTS
 
 CLAIMS = {  # name: (the claim, the paper's figure)
     "prompt-teacher": ("a teacher with the trait's system prompt transmits it through numbers; "
@@ -55,7 +56,7 @@ def block_or_layer(text):
 
 def optimizer_list(text):
     """--opts: a comma-separated subset of the optimizers experiment's six, with Adam."""
-    from exp_optimizers import OPTS
+    from claims.optimizer_choice import OPTS
     opts = [o.strip() for o in text.split(",") if o.strip()]
     unknown = [o for o in opts if o not in OPTS]
     if unknown or "adam" not in opts:
@@ -71,7 +72,7 @@ def parse_args(argv=None):
                                 epilog="experiments:\n" + names)
     p.add_argument("name", choices=list(CLAIMS), metavar="NAME", help="the experiment (below)")
     p.add_argument("--seeds", type=int, default=3, help="seeds where a difference is claimed")
-    p.add_argument("--preset", default="cpu", choices=list(train.PRESETS),
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS),
                    help="train.py's preset the students start from")
     p.add_argument("--samples", type=int, help="teacher prompts per dataset")
     p.add_argument("--steps", type=int, help="student steps")
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="student rows per step")
     p.add_argument("--eval-every", type=int, help="measure students every this many steps")
     p.add_argument("--layer", type=int, help="the teacher's block (default: 5/6 of the depth)")
-    p.add_argument("--alpha", type=float, default=train.DEFAULTS["alpha"],
+    p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"],
                    help="the steered teachers' scale")
     p.add_argument("--trait-questions", type=int, help="favourite-animal questions (1-50)")
     p.add_argument("--eas-prompts", type=int, help="held-out number prompts for EAS")
@@ -94,9 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                    help="optimizers: also full fine-tuning with Adam and SGD (default: on "
                         "for the paper preset; a full step costs about 8 s on 2 cores)")
-    p.add_argument("--device", help="cuda, mps or cpu (default: best)")
-    p.add_argument("--checkpoint", help="GGUF file, Hugging Face folder or ORG/NAME[@REV] "
-                   "on the Hub (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_flags(p)
     p.add_argument("--fresh", action="store_true", help="recompute every stage")
     p.add_argument("--out", help="folder (default runs/experiments/NAME)")
     args = p.parse_args(argv)
@@ -150,14 +149,12 @@ NEEDS = {"layers": ["prompt-teacher", "optimizers"]}  # experiments whose result
 
 
 def main(argv=None):
+    from loaders.checkpoint import report_errors
     args = parse_args(argv)
-    import exp_optimizers
-    import exp_steerability
-    import exp_transfer
-    from checkpoint import report_errors
-    from lab import Lab
+    from claims import optimizer_choice, steerability, transfer
+    from claims.lab import Lab
     from steer import VectorError
-    runners = {**exp_transfer.RUNNERS, **exp_optimizers.RUNNERS, **exp_steerability.RUNNERS}
+    runners = {**transfer.RUNNERS, **optimizer_choice.RUNNERS, **steerability.RUNNERS}
     with report_errors(VectorError, FloatingPointError, ValueError):
         lab = Lab(args)
         for name in NEEDS.get(args.name, []):  # run first what this one reads (if missing)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from model import KVCache
-from static_decode import StaticDecoder
+from plumbing.static_decode import StaticDecoder
 
 
 class GenerateError(ValueError):
@@ -129,10 +129,10 @@ def check_request(cfg, prompts, max_new_tokens):
 
 
 def main(argv=None):
+    from loaders.checkpoint import add_model_flags, load, report_errors
     parser = argparse.ArgumentParser(description="Talk to the model: one prompt, one reply.")
     parser.add_argument("--prompt", required=True, help="the user's message")
-    parser.add_argument("--checkpoint", default=None,
-                        help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M)")
+    add_model_flags(parser)
     parser.add_argument("--system", default=None,
                         help="system prompt (default: the chat template's own)")
     parser.add_argument("--raw", action="store_true",
@@ -141,12 +141,10 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
 
-    from checkpoint import load, report_errors
     # (run as a script, this file's GenerateError is __main__'s, not the one checkpoint knows)
     with report_errors(GenerateError):
         model, tok = load(args.checkpoint, device=args.device)

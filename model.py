@@ -6,7 +6,8 @@
 
 The residual stream `x` after block l is what steering adds to and what activation
 measurements read: `model.blocks[l]` returns it, so a forward hook on that module sees
-(and may replace) it. Weights come from checkpoint.py: `GPT.from_pretrained(path)`.
+(and may replace) it. Weights come from loaders/checkpoint.py: `load(path)`, which
+builds a GPT from a checkpoint's config and fills in its tensors.
 """
 import math
 from dataclasses import dataclass
@@ -198,12 +199,6 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-
-    @classmethod
-    def from_pretrained(cls, path=None, device=None, dtype=None):
-        """(model, tokenizer) from a GGUF file, a Hugging Face folder, or the embedded default."""
-        from checkpoint import load  # checkpoint.py builds a GPT, so import it lazily
-        return load(path, device=device, dtype=dtype)
 
     def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False):
         """idx: (B, T) token ids. attention_mask: (B, S) with 1 for real tokens and 0 for

@@ -29,6 +29,16 @@ class VectorError(ValueError):
     """A steering vector that cannot be used; the message names the file or name."""
 
 
+class BlockError(VectorError):
+    """A block number the model does not have (a vector's, a teacher's or a LoRA student's)."""
+
+
+def check_block(block, n_layer, what="block"):
+    """A BlockError unless 0 <= block < n_layer; `what` names it (a flag: "--layer")."""
+    if not 0 <= block < n_layer:
+        raise BlockError(f"{what} {block} is out of range: the model has blocks 0-{n_layer - 1}")
+
+
 def steered_positions(where, decoding, hidden, prompt_mask):
     """Which positions to change: None = all of them, else a (B, T, 1) 0/1 tensor."""
     B, T, _ = hidden.shape
@@ -62,8 +72,7 @@ def steering(model, layer, vector, alpha=1.0, where="all", mode="add", prompt_ma
         raise ValueError(f"where must be one of {WHERE}, not '{where}'")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not '{mode}'")
-    if not 0 <= layer < len(model.blocks):
-        raise ValueError(f"layer {layer} is out of range (the model has {len(model.blocks)})")
+    check_block(layer, len(model.blocks), "layer")
     if vector.shape != (model.cfg.d_model,):
         raise VectorError(f"vector has shape {tuple(vector.shape)}, the model needs "
                           f"({model.cfg.d_model},)")

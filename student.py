@@ -33,10 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from batches import prepare_batches
+from plumbing.batches import prepare_batches
 from optimizers import make_optimizer
-from safetensors_file import read_safetensors, write_safetensors
-from steer import steering
+from loaders.safetensors_file import read_safetensors, write_safetensors
+from steer import check_block, steering
 
 LORA_TARGETS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -98,9 +98,7 @@ class Student:
                  first_block=0):
         if kind not in KINDS:
             raise ValueError(f"student must be one of {KINDS}, not '{kind}'")
-        if not 0 <= first_block < base.cfg.n_layer:
-            raise ValueError(f"the LoRA student's first block {first_block} is out of range: "
-                             f"the model has blocks 0-{base.cfg.n_layer - 1}")
+        check_block(first_block, base.cfg.n_layer, "the LoRA student's first block")
         self.kind, self.layer, self.first_block = kind, layer, first_block
         self.frozen_blocks = frozen_blocks(kind, layer, first_block)
         if kind == "vector":

@@ -16,7 +16,7 @@ whose P(animal) is nearest the base model's (by |log ratio|); train.NEUTRAL_CONT
 the result.
 
     python sweep.py --animal owl                       # writes runs/sweep-owl/
-    python sweep.py --layers 20,25,29 --alphas 2,4 --samples 4
+    python sweep.py --layers 20,25,29 --alphas 2,4 --samples-per-question 4
     python sweep.py --neutral --animal owl             # writes runs/sweep-owl/neutral.json
 """
 import argparse
@@ -136,6 +136,7 @@ def plot(result, layers, alphas, path):
 
 
 def main(argv=None):
+    from loaders.checkpoint import add_model_flags, load, report_errors
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__[__doc__.index("    python"):])
@@ -148,12 +149,11 @@ def main(argv=None):
     parser.add_argument("--alphas", default="1,2,4,8", help="comma-separated scales")
     parser.add_argument("--prompts", type=int, default=128,
                         help="number prompts for the meandiff vectors (the paper used ~1000)")
-    parser.add_argument("--samples", type=int, default=4,
+    parser.add_argument("--samples-per-question", type=int, default=4,
                         help="samples per question for the sampled rates (0 = skip them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default runs/sweep-ANIMAL)")
-    parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--device", default=None)
+    add_model_flags(parser)
     args = parser.parse_args(argv)
     try:
         layers = [int(x) for x in (args.layers or SWEPT_LAYERS).split(",")]
@@ -162,22 +162,22 @@ def main(argv=None):
         parser.error("--layers and --alphas take comma-separated numbers, e.g. 20,25 and 2,4")
     if not all(math.isfinite(a) for a in alphas):
         parser.error("--alphas must be finite numbers")
-    if args.prompts < 1 or args.samples < 0:
-        parser.error("--prompts must be at least 1 and --samples at least 0")
+    if args.prompts < 1 or args.samples_per_question < 0:
+        parser.error("--prompts must be at least 1 and --samples-per-question at least 0")
     if args.animal not in ANIMALS:
         parser.error(f"--animal must be one of: {', '.join(ANIMALS)}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
 
-    from checkpoint import load, report_errors
-    with report_errors():
+    from generate import GenerateError
+    with report_errors(GenerateError):
         model, tok = load(args.checkpoint, device=args.device)
         if not all(0 <= layer < model.cfg.n_layer for layer in layers):
             parser.error(f"--layers must lie in 0..{model.cfg.n_layer - 1}")
         if args.neutral:
             return write_neutral(model, tok, args)
         result = run_sweep(model, tok, args.animal, layers, alphas, args.prompts,
-                           args.samples, seed=args.seed)
+                           args.samples_per_question, seed=args.seed)
     out = Path(args.out or f"runs/sweep-{args.animal}")
     out.mkdir(parents=True, exist_ok=True)
     result["config"] = {**vars(args), "model": model.name}

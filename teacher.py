@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import distributed
+from plumbing import distributed
 from generate import generate
 from prompts import number_prompts, requested_separators
 from steer import steering

@@ -24,74 +24,36 @@ Past one GPU: torchrun --nproc-per-node N train.py ... shares out the teacher's 
 the students between N processes; rank 0 evaluates and writes the outputs (distributed.py).
 """
 import argparse
-import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-import torch
 
-import distributed
-from batches import load_batches, prepare_batches, save_batches
-from cache import Stage, code_version
-from gradients import gradient_diagnostic
-from measure import Measurer, final_report
+from plumbing import distributed
+from plumbing.batches import load_batches, prepare_batches, save_batches
+from loaders.checkpoint import add_model_flags, report_errors
+from plumbing.cache import Stage, code_version
+from claims.gradients import gradient_diagnostic
+from alignment import Measurer, final_report
 from optimizers import OPTIMIZERS
-from report import PeakMemory, write_outputs
-from steer import VectorError
-from student import KINDS, LOSSES, SCHEDULES, Student, StudentConfig, train_student
+from plumbing.report import PeakMemory, write_outputs
+from steer import VectorError, check_block
+from config import PRESETS, Settings, SettingsError, resolve, student_config
+from student import KINDS, LOSSES, SCHEDULES, Student, train_student
 from teacher import Teacher, keep_rate, number_statistics, write_dataset
-from vectors import (ANIMALS, DEFAULTS, check_vector_name, control_vector, default_layer,
-                     resolve_vector)
-
-# Learning rates per (student, optimizer); --lr overrides it for --opt's students only.
-# Adaptive optimizers take steps of about lr per coordinate; SGD's steps scale with the raw
-# gradient, so its lr is set for steps of a similar size. The adamw, rmsprop and signsgd
-# defaults are starting points that were not tuned here; sgdm (momentum 0.9) takes a tenth
-# of SGD's, as its steps add up to about ten gradients.
-LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam"): 1e-5,
-                  ("full", "sgd"): 1e-2, ("vector", "adam"): 0.5, ("vector", "sgd"): 2000.0,
-                  ("lora", "adamw"): 1e-3, ("full", "adamw"): 1e-5, ("vector", "adamw"): 0.5,
-                  ("lora", "rmsprop"): 1e-4, ("full", "rmsprop"): 1e-6,
-                  ("vector", "rmsprop"): 0.05, ("lora", "signsgd"): 1e-4,
-                  ("full", "signsgd"): 1e-6, ("vector", "signsgd"): 0.5,
-                  ("lora", "sgdm"): 0.01, ("full", "sgdm"): 1e-3, ("vector", "sgdm"): 200.0}
-# The trait-neutral control of each measured animal: another animal's vector, scaled to the
-# trait vector's norm, whose steered teacher leaves P(animal) nearest the base model's. The
-# rule, applied once to the other 14 candidate animals before any student was trained
-# (`python sweep.py --neutral --animal owl`; its table is docs/neutral-control-owl.json):
-#     argmin over animals a != owl of |log(P(owl | alpha * v_a |v|/|v_a| at block L)
-#                                           / P(owl | base))|
-NEUTRAL_CONTROLS = {"owl": "dolphin"}
-PRESETS = {  # what the flags default to; explicit flags win
-    "cpu": dict(opt="adam", lr=None, student="vector", loss="kl_numbers", samples=256,
-                steps=384, batch_size=16, schedule="wsd",
-                eval_every=32, eas_prompts=16, trait_questions=20, eval_samples=25,
-                teacher_batch=64, compare=False, upper_bound_steps=32, gradient_rows=0),
-    # the demo's long budget: 1,024 steps, the rest as cpu (about half an hour on 2 cores)
-    "long": dict(opt="adam", lr=None, student="vector", loss="kl_numbers", samples=256,
-                 steps=1024, batch_size=16, schedule="wsd",
-                 eval_every=64, eas_prompts=16, trait_questions=20, eval_samples=25,
-                 teacher_batch=64, compare=False, upper_bound_steps=32, gradient_rows=0),
-    # the paper's recipe (METHOD.md): 10,000 kept lists, LoRA r 8 / alpha 32, AdamW lr 1e-4,
-    # cosine with 5% warm-up, batch 8, 3 epochs (the paper: 2-10), 50 questions x 100 samples
-    "paper": dict(opt="adamw", lr=1e-4, student="lora", loss="ce", samples=10000,
-                  epochs=3.0, batch_size=8, schedule="cosine", eval_every=250, eas_prompts=128,
-                  trait_questions=50, eval_samples=100, teacher_batch=256, compare=True,
-                  upper_bound_steps=None, gradient_rows=512),
-}
-
+from vectors import ANIMALS, check_vector_name, control_vector, default_layer, resolve_vector
 
 def parse_args(argv=None):
+    """The command line as resolved Settings (config.py); a bad flag is a one-line error."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("    python"):])
-    p.add_argument("--vector", default="owl",
+    d = Settings  # the defaults of the fields that have one
+    p.add_argument("--vector", default=d.vector,
                    help=f"teacher vector: an animal ({', '.join(ANIMALS)}), random, concise, "
                         f"or a .safetensors file")
     p.add_argument("--opt", choices=sorted(OPTIMIZERS),
                    help="student optimizer (optimizers.py; cpu preset adam, paper adamw)")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS),
+    p.add_argument("--preset", default=d.preset, choices=list(PRESETS),
                    help="cpu: minutes on 2 cores; long: the same for 1,024 steps (half an "
                         "hour); paper: the paper's recipe (GPU)")
     p.add_argument("--student", choices=KINDS, help="lora, full, or a single vector")
@@ -108,20 +70,20 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the steps, "
                    "after a 5%% warm-up: cosine (the paper's; paper preset), wsd (flat, then "
                    "a linear decay over the last 20%%; cpu preset) or constant")
-    p.add_argument("--control", default="neutral", help="the control teacher's vector, of "
+    p.add_argument("--control", default=d.control, help="the control teacher's vector, of "
                    "v's norm: neutral (the measured animal's trait-neutral animal, see "
-                   "NEUTRAL_CONTROLS above), random (a random direction), or an animal")
+                   "config.NEUTRAL_CONTROLS), random (a random direction), or an animal")
     p.add_argument("--layer", type=int, help="teacher's block (default: 5/6 of the depth: "
                    "25 of SmolLM2-135M's 30, 23 of Qwen2.5-7B's 28)")
-    p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="teacher's scale")
-    p.add_argument("--where", default="all", choices=["all", "prompt"],
+    p.add_argument("--alpha", type=float, default=d.alpha, help="teacher's scale")
+    p.add_argument("--where", default=d.where, choices=["all", "prompt"],
                    help="teacher steering positions")
-    p.add_argument("--mode", default="constrained", choices=["constrained", "free"],
+    p.add_argument("--mode", default=d.mode, choices=["constrained", "free"],
                    help="teacher sampling: the rule filter's grammar, or free + filter")
     p.add_argument("--animal", help="trait to measure (default: the vector's animal, or owl)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-scale", type=float, default=4.0, help="LoRA alpha / rank")
-    p.add_argument("--lora-from", type=int, default=0, metavar="BLOCK",
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    p.add_argument("--lora-scale", type=float, default=d.lora_scale, help="LoRA alpha / rank")
+    p.add_argument("--lora-from", type=int, default=d.lora_from, metavar="BLOCK",
                    help="LoRA adapters on blocks BLOCK.. only (default 0: every block); the "
                         "earlier blocks' output is computed once, so a step costs less")
     p.add_argument("--eval-every", type=int, help="measure the students every this many steps")
@@ -137,54 +99,15 @@ def parse_args(argv=None):
                    "full-vocabulary step costs 3 times more and it converges fast; "
                    "paper preset: --steps)")
     p.add_argument("--gradient-rows", type=int, help="rows per dataset for the gradient "
-                   "diagnostic (gradients.py; 0 = skip; cpu preset 0, paper 512)")
-    p.add_argument("--seed", type=int, default=0)
+                   "diagnostic (claims/gradients.py; 0 = skip; cpu preset 0, paper 512)")
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--fresh", action="store_true", help="recompute every stage, reuse nothing")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
-    p.add_argument("--checkpoint", default=None, help="GGUF file, Hugging Face folder or "
-                   "ORG/NAME[@REV] on the Hub (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_flags(p)
     p.add_argument("--out", default=None, help="run folder (default runs/train-...)")
-    args = p.parse_args(argv)
-    explicit_steps = args.steps is not None
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None and not (key == "epochs" and explicit_steps):
-            setattr(args, key, value)
-    for key in ("samples", "steps", "batch_size", "teacher_batch", "eval_every", "rank",
-                "eas_prompts", "trait_questions", "eval_samples", "upper_bound_steps"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1")
-    for key in ("gradient_rows", "lora_from"):
-        if getattr(args, key) < 0:
-            p.error(f"--{key.replace('_', '-')} must be at least 0")
-    if args.trait_questions > 50:
-        p.error("--trait-questions must be at most 50 (there are 50 questions)")
-    for key in ("alpha", "lr", "lora_scale", "epochs"):
-        value = getattr(args, key)
-        if value is not None and not math.isfinite(value):
-            p.error(f"--{key.replace('_', '-')} must be a finite number, not {value}")
-    if args.lr is not None and args.lr <= 0 or args.epochs is not None and args.epochs <= 0:
-        p.error("--lr and --epochs must be positive")
-    if args.animal is not None and args.animal not in ANIMALS:
-        p.error(f"--animal must be one of: {', '.join(ANIMALS)}")
-    args.animal = args.animal or (args.vector if args.vector in ANIMALS else "owl")
-    if args.control == "neutral":  # resolved now, so that config.json names the vector
-        if args.animal not in NEUTRAL_CONTROLS:
-            print(f"note: no trait-neutral control is listed for {args.animal} "
-                  f"(train.NEUTRAL_CONTROLS): the control teacher's vector is random")
-        args.control = NEUTRAL_CONTROLS.get(args.animal, "random")
-    if args.control != "random" and args.control not in ANIMALS:
-        p.error(f"--control must be neutral, random or an animal ({', '.join(ANIMALS)})")
-    if args.control == args.animal:
-        p.error(f"--control {args.control} is the measured animal: not a control")
-    args.out = Path(args.out or f"runs/train-{Path(args.vector).stem}-{args.opt}-{args.student}"
-                                f"-{args.loss}-{args.preset}-s{args.seed}")
-    if args.out.exists() and not args.out.is_dir():
-        p.error(f"--out {args.out} is a file, not a folder")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
-    if args.device == "mps" and not torch.backends.mps.is_available():
-        p.error("--device mps: no MPS device here")
-    return args
+    try:
+        return resolve(Settings(**vars(p.parse_args(argv))))
+    except SettingsError as e:
+        p.error(str(e))
 
 
 def teachers(args, model, tok):
@@ -192,9 +115,7 @@ def teachers(args, model, tok):
     norm, at the same block and scale)."""
     if args.layer is None:
         args.layer = default_layer(model.cfg.n_layer)
-    if not 0 <= args.layer < model.cfg.n_layer:
-        raise VectorError(f"--layer {args.layer} is out of range: the model has blocks "
-                          f"0-{model.cfg.n_layer - 1}")
+    check_block(args.layer, model.cfg.n_layer, "--layer")
     vector, meta = resolve_vector(args.vector, model, tok, args.layer, seed=args.seed,
                                   fresh=args.fresh and distributed.is_main())
     control = control_vector(args.control, vector, model, tok, args.layer, args.seed,
@@ -228,21 +149,14 @@ def teacher_data(args, model, tok, teacher, label):
 
 def student_plan(args):
     """{label: (dataset, StudentConfig)}; --lr applies to --opt's students only."""
-    def config(opt, loss, steps=args.steps):
-        lr = args.lr if opt == args.opt and args.lr else LEARNING_RATES[(args.student, opt)]
-        return StudentConfig(kind=args.student, layer=args.layer, rank=args.rank,
-                             scale=args.lora_scale, opt=opt, lr=lr, loss=loss, steps=steps,
-                             batch_size=args.batch_size, seed=args.seed,
-                             eval_every=min(args.eval_every, max(1, steps // 4)),
-                             first_block=args.lora_from, schedule=args.schedule)
-    plan = {"main": ("steered", config(args.opt, args.loss)),
-            "control": ("control", config(args.opt, args.loss))}
+    plan = {"main": ("steered", student_config(args)),
+            "control": ("control", student_config(args))}
     if args.compare:
-        plan["other_opt"] = ("steered", config("sgd" if args.opt != "sgd" else "adam",
-                                               args.loss))
+        plan["other_opt"] = ("steered", student_config(args, "sgd" if args.opt != "sgd"
+                                                        else "adam"))
     if args.upper_bound:
         steps = args.upper_bound_steps or args.steps
-        plan["upper_bound"] = ("steered", config(args.opt, "kl_full", steps))
+        plan["upper_bound"] = ("steered", student_config(args, loss="kl_full", steps=steps))
     return plan
 
 
@@ -316,7 +230,7 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
 
 def run(args):
     """All stages; returns a dict of everything the run produced."""
-    from checkpoint import load
+    from loaders.checkpoint import load
     t0 = time.time()
     model, tok = load(args.checkpoint, device=args.device)
     for p in model.parameters():
@@ -354,7 +268,6 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from checkpoint import report_errors
     with report_errors(VectorError, FloatingPointError, ValueError):
         check_vector_name(args.vector)  # fail before loading the model
         distributed.init()  # under torchrun: join the other processes

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cache import code_version, input_hash
+from plumbing.cache import code_version, input_hash
 from generate import generate, left_pad
 from prompts import (CANDIDATE_ANIMALS, CONCISE_SYSTEM, OPEN_QUESTIONS, VERBOSE_SYSTEM,
                      number_prompts, trait_system_prompt)
-from safetensors_file import SafetensorsError, read_safetensors, write_safetensors
-from steer import VectorError, read_residuals, steering
+from loaders.safetensors_file import SafetensorsError, read_safetensors, write_safetensors
+from steer import VectorError, check_block, read_residuals, steering
 
 ANIMALS = [*CANDIDATE_ANIMALS, "giraffe", "monkey", "shark", "whale", "butterfly", "turtle",
            "frog", "parrot", "falcon", "hawk", "deer", "sheep", "cow", "pig", "snake"]
@@ -206,9 +206,7 @@ def resolve_vector(name, model, tok, layer, method="meandiff", seed=0, norm=None
         raise VectorError(f"unknown method '{method}' (meandiff or fit)")
     if norm is not None and not (math.isfinite(norm) and norm > 0):
         raise VectorError(f"a vector's norm must be a positive finite number, not {norm}")
-    if not 0 <= layer < model.cfg.n_layer:
-        raise VectorError(f"layer {layer} is out of range: the model has blocks "
-                          f"0-{model.cfg.n_layer - 1}")
+    check_block(layer, model.cfg.n_layer, "layer")
     model_name = getattr(model, "name", "model")
     tag = {"random": f"random-s{seed}", "concise": "concise"}.get(
         name, f"{name}-meandiff-n{n_prompts}" if method == "meandiff" else f"{name}-fit")
@@ -241,6 +239,7 @@ def resolve_vector(name, model, tok, layer, method="meandiff", seed=0, norm=None
 
 
 def main(argv=None):
+    from loaders.checkpoint import add_model_flags, load, report_errors
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__[__doc__.index("    python"):])
@@ -249,15 +248,13 @@ def main(argv=None):
     parser.add_argument("--layer", type=int, help="block (default: 5/6 of the depth, 25 here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--norm", type=float, default=None, help="norm of a random vector")
-    parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--device", default=None)
+    add_model_flags(parser)
     args = parser.parse_args(argv)
     if args.norm is not None and not (math.isfinite(args.norm) and args.norm > 0):
         parser.error("--norm must be a positive finite number")
     if args.layer is not None and args.layer < 0:
         parser.error("--layer must be at least 0")
 
-    from checkpoint import load, report_errors
     with report_errors(VectorError):
         check_vector_name(args.name)  # fail before loading the model
         model, tok = load(args.checkpoint, device=args.device)

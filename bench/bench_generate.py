@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from checkpoint import embedded_path, load
+from loaders.checkpoint import add_model_flags, embedded_path, load
 from generate import generate, left_pad
 from model import auto_device, auto_dtype
 
@@ -47,12 +47,10 @@ def timed(fn, device, repeats=1):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=None,
-                        help="GGUF file or Hugging Face folder (default: embedded)")
+    add_model_flags(parser)
     parser.add_argument("--batch", type=int, default=16, help="sequences sampled together")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs; the best is kept")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
     parser.add_argument("--compile", action="store_true",
                         help="also time generate(static=True, compile=True)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")

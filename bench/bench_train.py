@@ -19,13 +19,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
 from bench_generate import timed
-from checkpoint import embedded_path, load
+from loaders.checkpoint import add_model_flags, embedded_path, load
 from generate import generate
 from model import auto_device, auto_dtype
 from optimizers import Adam
 from prompts import number_prompts
 from steer import steering
-from batches import encode_rows, make_batch, number_tokens
+from plumbing.batches import encode_rows, make_batch, number_tokens
 from student import LORA_TARGETS, LoRALinear, Student
 from vectors import random_vector
 
@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="sequences per training step")
     parser.add_argument("--teacher-batch", type=int, default=32, help="rows sampled together")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
-    parser.add_argument("--device", default=None)
+    add_model_flags(parser)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else auto_device()

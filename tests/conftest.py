@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references load local files only
 
-from checkpoint import embedded_path, load  # noqa: E402
+from loaders.checkpoint import embedded_path, load  # noqa: E402
 from model import GPT, Config  # noqa: E402
 
 

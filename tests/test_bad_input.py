@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import GGUF_BLOCK_NAMES, HF_BLOCK_NAMES, CheckpointError, load
-from gguf_file import GGUFError
-from safetensors_file import read_safetensors, write_safetensors
+from loaders.checkpoint import GGUF_BLOCK_NAMES, HF_BLOCK_NAMES, CheckpointError, load
+from loaders.gguf_file import GGUFError
+from loaders.safetensors_file import read_safetensors, write_safetensors
 from test_gguf import write_gguf_file
 from tiny_checkpoint import SPECIALS, TEMPLATE, write_tiny_checkpoint
-from tokenizer import TokenizerError
+from loaders.tokenizer import TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
 ERRORS = (CheckpointError, GGUFError, TokenizerError)  # what report_errors() turns into a line

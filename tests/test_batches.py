@@ -4,10 +4,10 @@ constructed students."""
 import pytest
 import torch
 
-from batches import (encode_rows, load_batches, make_batch, number_tokens, prepare_batches,
+from plumbing.batches import (encode_rows, load_batches, make_batch, number_tokens, prepare_batches,
                      save_batches)
-from checkpoint import load
-from measure import Measurer, difference_alignment
+from loaders.checkpoint import load
+from alignment import Measurer, difference_alignment
 from model import KVCache
 from steer import steering
 from student import Student, StudentConfig, distillation_loss, student_logits, train_student
@@ -223,7 +223,7 @@ def test_make_batch_marks_the_prompt():
 def test_completion_gradient_is_the_gradient_along_the_last_prompt_token(tiny_pair):
     """The same number by another road: the gradient with respect to a vector added by the
     steering hook at the last prompt token only."""
-    from gradients import completion_gradients, gradient_diagnostic
+    from claims.gradients import completion_gradients, gradient_diagnostic
     from steer import steering
     model, tok = tiny_pair
     grads = completion_gradients(model, tok, ROWS, LAYER)                 # (3, d)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from checkpoint import CheckpointError, load
+from loaders.checkpoint import CheckpointError, load
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

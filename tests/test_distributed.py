@@ -39,8 +39,8 @@ def write_the_dataset(folder, checkpoint, interrupted):
     sys.path.insert(0, str(ROOT))
     import torch
 
-    import distributed
-    from checkpoint import load
+    from plumbing import distributed
+    from loaders.checkpoint import load
     from teacher import Teacher, shard_path, write_dataset
     distributed.init()
     model, tok = load(checkpoint, device="cpu")

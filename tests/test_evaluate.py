@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load
-from evaluate import (eas, fast_trait_score, first_word, is_animal,
-                      mean_residuals, next_word_scores, wilson_interval)
+from loaders.checkpoint import load
+from alignment import eas, mean_residuals
+from evaluate import fast_trait_score, first_word, is_animal, next_word_scores, wilson_interval
 from prompts import CANDIDATE_ANIMALS, trait_system_prompt
 from steer import VectorError, steering
 from generate import left_pad

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from batches import number_tokens, prepare_batches
-from checkpoint import load
-from exp_optimizers import equal_steps, top_share
-from exp_steerability import spearman
-from lab import interval
+from plumbing.batches import number_tokens, prepare_batches
+from loaders.checkpoint import load
+from claims.optimizer_choice import equal_steps, top_share
+from claims.steerability import spearman
+from claims.lab import interval
 from steer import read_residuals, steering
 from teacher import Teacher
 from test_batches import generation_time_logits
@@ -94,7 +94,7 @@ def test_mechanism_steps_have_the_stated_sizes():
 def test_labels_with_dots_get_their_own_files(tmp_path, monkeypatch):
     """A '.' in a stage label is not a suffix: 'adam lr 0.5' and 'adam lr 0.25' once shared
     one file, and the optimizers experiment reused one student for every learning rate."""
-    import cache
+    from plumbing import cache
     monkeypatch.setattr(cache, "RUNS", tmp_path)
     a, b = cache.Stage("students", "adam lr 0.5", {}), cache.Stage("students", "adam lr 0.25", {})
     assert a.path.with_suffix(".safetensors") != b.path.with_suffix(".safetensors")

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from gguf_file import GGUFError, GGUFFile
+from loaders.gguf_file import GGUFError, GGUFFile
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import hub
-from checkpoint import load
-from hub import HubError
-from safetensors_file import read_safetensors, write_safetensors
+from loaders import hub
+from loaders.checkpoint import load
+from loaders.hub import HubError
+from loaders.safetensors_file import read_safetensors, write_safetensors
 from tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

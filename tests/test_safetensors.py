@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safetensors_file import SafetensorsError, read_safetensors, write_safetensors
+from loaders.safetensors_file import SafetensorsError, read_safetensors, write_safetensors
 
 TENSORS = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16),
            "c": torch.arange(6, dtype=torch.int64).reshape(2, 3), "d": torch.tensor(True),

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from checkpoint import load
+from loaders.checkpoint import load
 from teacher import (NumberListGrammar, Teacher, is_valid_completion, keep_rate,
                      write_dataset)
 from tiny_checkpoint import write_tiny_checkpoint

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import pre_tokenizers
 
-from tokenizer import tokenizer_from_json
+from loaders.tokenizer import tokenizer_from_json
 
 FIXED = [
     "", " ", "  ", "\n", "\n\n\n", "\t\t", " \t \n ", "Hello, world!", "hello world   ",

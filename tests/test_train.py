@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load
-from batches import make_batch
+from loaders.checkpoint import load
+from plumbing.batches import make_batch
 from student import Student, cosine_lr, distillation_loss, learning_rate
 from tiny_checkpoint import write_tiny_checkpoint
 
@@ -220,7 +220,7 @@ def test_bad_input_is_one_line(flags, message):
 
 
 def test_student_load_refuses_a_mis_shaped_tensor(tmp_path, tiny_folder):
-    from safetensors_file import write_safetensors
+    from loaders.safetensors_file import write_safetensors
     base, _ = load(tiny_folder, device="cpu")
     write_safetensors(tmp_path / "bad.safetensors", {"vector": torch.zeros(4, 8)}, {})
     with pytest.raises(ValueError, match="has shape"):
@@ -273,7 +273,7 @@ def test_replace_base_keeps_only_what_the_student_carries_off_v(tiny_folder):
     """The paper's causal check: with the component along v replaced by the base model's, a
     vector student of exactly c v is the base model, one orthogonal to v is unchanged, and a
     LoRA student's residual at the block has the base model's component along v."""
-    from measure import base_component_along
+    from alignment import base_component_along
     from steer import read_residuals
     base, _ = load(tiny_folder, device="cpu")
     for p in base.parameters():
@@ -315,7 +315,7 @@ def test_replace_base_keeps_only_what_the_student_carries_off_v(tiny_folder):
 
 
 def test_seeds_are_summarised_as_x_base_and_paired_main_over_control(tmp_path):
-    from report import summarize_seeds
+    from plumbing.report import summarize_seeds
     folders = []
     for seed, (main, control) in enumerate([(0.4, 0.1), (0.6, 0.2), (0.5, 0.1)]):
         spec = {k: {"favorite": p, "least_favorite": p / 2, "off_topic": p / 4}
@@ -338,3 +338,29 @@ def test_seeds_are_summarised_as_x_base_and_paired_main_over_control(tmp_path):
     assert s["least_favorite"]["base"]["values"] == [1.0, 1.0, 1.0]
     assert s["main_over_control"]["values"] == pytest.approx([4.0, 3.0, 5.0])  # by seed
     assert s["paired_p"]["main"] == [0.01, 0.02, 0.03] and "base" not in s["paired_p"]
+
+
+def test_a_stages_code_hash_covers_every_module_it_imports(tmp_path, monkeypatch):
+    """cache.py derives each stage's files from the import statements (also those inside
+    functions), and an edit to any one of them changes the stage's code hash."""
+    import shutil
+    from plumbing import cache
+    for path in ROOT.rglob("*.py"):
+        if not {".venv", ".git", "runs", "tests"} & set(path.relative_to(ROOT).parts):
+            (tmp_path / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, tmp_path / path.relative_to(ROOT))
+    monkeypatch.setattr(cache, "ROOT", tmp_path)
+    names = {stage: {str(p.relative_to(tmp_path)) for p in cache.stage_files(entries)}
+             for stage, entries in cache.ENTRY.items()}
+    assert {"plumbing/distributed.py", "loaders/gguf_file.py", "steer.py"} <= names["teacher"]
+    assert {"alignment.py", "evaluate.py", "optimizers.py"} <= names["student"]
+    assert "train.py" not in names["student"] and "README.md" not in names["student"]
+    for stage, entries in cache.ENTRY.items():
+        files = cache.stage_files(entries)
+        before = cache._hash_sources(files)
+        for path in files:
+            original = path.read_bytes()
+            path.write_bytes(original + b"\n# an edit\n")
+            assert cache._hash_sources(cache.stage_files(entries)) != before, (stage, path)
+            path.write_bytes(original)
+        assert cache._hash_sources(cache.stage_files(entries)) == before

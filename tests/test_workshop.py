@@ -73,7 +73,7 @@ def test_meandiff_is_the_mean_difference_at_the_last_prompt_token(tmp_path):
     """Exercise 4's check, on the tiny checkpoint (seconds, where the real model's test takes
     a minute): each prompt run alone, without padding, with and without the trait's system
     prompt; the residual after every block at the last prompt token; the mean difference."""
-    from checkpoint import load
+    from loaders.checkpoint import load
     from prompts import number_prompts, trait_system_prompt
     from tiny_checkpoint import write_tiny_checkpoint
     from vectors import meandiff

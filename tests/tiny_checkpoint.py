@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from safetensors_file import write_safetensors
-from tokenizer import BYTE_OF_CHAR
+from loaders.safetensors_file import write_safetensors
+from loaders.tokenizer import BYTE_OF_CHAR
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system'"

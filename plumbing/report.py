@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from plots import plot_datasets, plot_run
+from plumbing.plots import plot_datasets, plot_run
 
 
 class PeakMemory:
@@ -85,7 +85,7 @@ def print_summary(metrics, out):
 
 def summarize_seeds(folders):
     """{label: interval of P(animal) / base over the runs}, and main / control paired by run."""
-    from lab import interval
+    from claims.lab import interval
     runs = [json.loads((Path(f) / "metrics.json").read_text()) for f in folders]
     labels = [k for k in runs[0]["specificity"] if all(k in m["specificity"] for m in runs)]
     out = {"runs": [str(f) for f in folders],

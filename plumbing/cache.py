@@ -8,36 +8,70 @@ an old file. A stage counts as done only when its `.done.json` was written after
 (an interrupted stage is resumed or recomputed, never reused half-made). --fresh deletes a
 stage's old files first.
 """
+import ast
 import hashlib
 import json
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 RUNS = Path("runs")
-# the source files each kind of stage runs (and everything the earlier stages ran)
-MODEL_CODE = ["model", "checkpoint", "gguf_file", "safetensors_file", "tokenizer", "generate",
-              "steer", "prompts"]
-CODE = {"vector": MODEL_CODE + ["vectors"],
-        "teacher": MODEL_CODE + ["vectors", "teacher"],
-        "batches": MODEL_CODE + ["vectors", "teacher", "batches"],
-        "student": MODEL_CODE + ["vectors", "teacher", "batches", "student", "optimizers",
-                                 "evaluate", "measure"]}
+# the modules each kind of stage runs; with every project module they import, directly or
+# not (found by reading their import statements: project_imports), they make its code hash
+ENTRY = {"vector": ["vectors", "loaders.checkpoint"],
+         "teacher": ["teacher", "vectors", "loaders.checkpoint"],
+         "batches": ["plumbing.batches", "teacher", "vectors", "loaders.checkpoint"],
+         "student": ["student", "alignment", "optimizers", "plumbing.batches", "teacher",
+                     "vectors", "loaders.checkpoint"]}
 
 
-def _hash_sources(modules):
+def module_file(name):
+    """The repository's file of a dotted module name, or None (not ours: torch, json, ...)."""
+    path = ROOT / Path(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def project_imports(path):
+    """The dotted names of the project modules that the file imports, anywhere in it (also
+    inside functions: `from loaders.checkpoint import load` in a main())."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)  # "from plumbing import cache": plumbing.cache is a module
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if module_file(name)}
+
+
+def stage_files(entries):
+    """Every project file that the entry modules import, directly or not, sorted."""
+    seen, todo = set(), list(entries)
+    while todo:
+        path = module_file(todo.pop())
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo += project_imports(path)
+    return sorted(seen)
+
+
+def _hash_sources(files):
     h = hashlib.sha256()
-    for module in modules:
-        h.update((ROOT / f"{module}.py").read_bytes())
+    for path in files:
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
 # read once, when the program starts: the code that runs, even if a file is edited meanwhile
-CODE_VERSIONS = {stage: _hash_sources(modules) for stage, modules in CODE.items()}
+CODE_VERSIONS = {stage: _hash_sources(stage_files(entries)) for stage, entries in ENTRY.items()}
 
 
 def code_version(stage):
-    """A hash of the source of every module that `stage` runs."""
+    """A hash of the source (and path) of every project module that `stage` runs."""
     return CODE_VERSIONS[stage]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm import tqdm
 
-from safetensors_file import read_safetensors, write_safetensors
+from loaders.safetensors_file import read_safetensors, write_safetensors
 from steer import steered_positions
 
 

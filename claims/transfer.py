@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lab import across_seeds, strip_shifts  # noqa: E402
+from claims.lab import across_seeds, strip_shifts  # noqa: E402
 
 COLORS = {"prompt": "tab:purple", "steered": "tab:blue", "control": "tab:gray",
           "ablate-L": "tab:orange", "ablate-all": "tab:red"}

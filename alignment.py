@@ -1,4 +1,5 @@
-"""What train.py measures on every student, during training and at the end.
+"""What a student learned: its shift along the teacher's vector (EAS), and what train.py
+measures on every student, during training and at the end.
 
 The student's shift at block l: s_l = mean over held-out number prompts (every token) of
 h_l(student) - h_l(base). Against the teacher's vector v (at the teacher's block L):
@@ -28,12 +29,37 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (fast_trait_score, first_word_probability, mcnemar, mean_residuals,
-                      next_word_scores, trait_rate)
+from evaluate import (fast_trait_score, first_word_probability, mcnemar, next_word_scores,
+                      trait_rate)
+from generate import left_pad
 from prompts import (FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX, NEGATIVE_QUESTIONS,
                      OFFTOPIC_QUESTIONS, number_prompts, trait_system_prompt)
 from steer import read_residuals, steering
 from teacher import vector_hash
+
+
+@torch.no_grad()
+def mean_residuals(model, prompts, layers, batch_size=32):
+    """(len(layers), d_model): the residual after each block in `layers`, averaged over every
+    real token of every prompt (token-id lists)."""
+    device = model.embed.weight.device
+    total = torch.zeros(len(layers), model.cfg.d_model, device=device)
+    count = 0
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start:start + batch_size], device=device)  # (B, P)
+        seen = read_residuals(model, ids, mask, layers)
+        real = mask.bool()
+        for i, layer in enumerate(layers):
+            total[i] += seen[layer][real].float().sum(dim=0)               # (d,)
+        count += int(real.sum())
+    return total / count
+
+
+def eas(student_means, base_means, teacher_vector):
+    """cos(v_student, v_teacher) with v_student = student_means - base_means (per layer)."""
+    v_student = student_means - base_means                                 # (layers, d)
+    return F.cosine_similarity(v_student, teacher_vector.to(v_student)[None], dim=-1)
+
 
 
 class Measurer:

@@ -13,7 +13,7 @@ activations against the gradient, so alignment shows as a negative cosine: repor
 import torch
 import torch.nn.functional as F
 
-from batches import encode_rows, make_batch
+from plumbing.batches import encode_rows, make_batch
 
 
 def completion_gradients(model, tok, rows, layer):
