@@ -30,12 +30,12 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
 # The trait-neutral control of each measured animal: another animal's vector, scaled to the
 # trait vector's norm, whose steered teacher leaves P(animal) nearest the base model's. The
 # rule, applied once to the other 14 candidate animals before any student was trained
-# (`python sweep.py --neutral --animal owl`; its table is docs/neutral-control-owl.json):
+# (`python sweep.py --neutral --animal owl`; its table is docs/steering/neutral-control-owl.json):
 #     argmin over animals a != owl of |log(P(owl | alpha * v_a |v|/|v_a| at block L)
 #                                           / P(owl | base))|
 NEUTRAL_CONTROLS = {"owl": "dolphin"}
 CPU = dict(opt="adam", lr=None, student="vector", loss="kl_numbers", samples=256, steps=384,
-           batch_size=16, schedule="wsd", eval_every=32, eas_prompts=16, trait_questions=20,
+           batch_size=8, schedule="wsd", eval_every=32, eas_prompts=16, trait_questions=20,
            eval_samples=25, teacher_batch=64, compare=False, upper_bound_steps=32,
            gradient_rows=0)
 PRESETS = {  # what the fields left at None default to

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from config import PRESETS
 from loaders.checkpoint import add_model_flags
+from plumbing.cache import code_record
 from vectors import ANIMALS, DEFAULTS
 
 CLAIMS = {  # name: (the claim, the paper's figure)
@@ -117,7 +118,7 @@ def write_result(args, result, started):
     result = {"experiment": args.name, "claim": claim, "paper": paper,
               "settings": {k: str(v) if isinstance(v, Path) else v
                            for k, v in vars(args).items()},
-              "seconds": round(time.time() - started, 1), **result}
+              "seconds": round(time.time() - started, 1), "code": code_record(), **result}
     path = args.out / "result.json"
     path.write_text(json.dumps(result, indent=2, allow_nan=False, default=float))
     print(f"{result['seconds']:.0f} s; wrote {path} and {args.out / 'figure.png'}")

@@ -19,7 +19,7 @@ Three losses:
                 upper bound on what the data could carry, NOT subliminal learning.
 What trains (and the optimizer's state) is kept in fp32, also when the frozen base is bf16:
 small updates would round away in bf16. Batches and the teacher's targets are prepared once,
-in batches.py; the training loop is below.
+in plumbing/batches.py; the training loop is below.
 """
 import contextlib
 import copy
@@ -33,7 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing.batches import prepare_batches
 from optimizers import make_optimizer
 from loaders.safetensors_file import read_safetensors, write_safetensors
 from steer import check_block, steering
@@ -257,21 +256,15 @@ def student_logits(student, base, batch, loss):
     return x @ head.T                                                      # (N, vocab or n)
 
 
-def train_student(base, tok, rows, teacher, cfg, track, progress=True, batches=None,
-                  report=None):
-    """Fine-tune a student on rows (valid teacher completions) and return it and its history.
-    teacher: teacher.Teacher, the steered model that wrote the rows (the KL losses match its
-    distributions). cfg: StudentConfig (train.py). track(student) -> dict of measurements,
-    called at step 0 and every cfg.eval_every steps. batches: prepared by batches.py (made
-    here if None), shared by students of the same data. report(entry): called with each
-    entry of the history as it is made (train.py prints it)."""
+def train_student(base, batches, cfg, track, progress=True, report=None):
+    """Fine-tune a student on prepared batches (plumbing/batches.py: the teacher's rows, with
+    its targets) and return it and its history. cfg: StudentConfig (config.py).
+    track(student) -> dict of measurements, called at step 0 and every cfg.eval_every steps.
+    report(entry): called with each entry of the history as it is made (train.py prints it)."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not '{cfg.loss}'")
     learning_rate(0, cfg.steps, cfg.lr, cfg.schedule)  # an unknown schedule fails here
     student = Student.from_config(base, cfg)
-    if batches is None:
-        batches = prepare_batches(base, tok, rows, teacher, cfg.batch_size,
-                                  prefix_blocks=student.frozen_blocks)
     optimizer = make_optimizer(cfg.opt, student.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     order = []

@@ -19,7 +19,7 @@ recomputes everything):
        other_opt    SGD (Adam if --opt is sgd) on the steered numbers           (--compare)
        upper_bound  KL over the full vocabulary: ordinary distillation, NOT subliminal;
                     it shows what the same sequences could carry     (--no-upper-bound)
-  4. evaluation (measure.py), figures, config.json and metrics.json    (plots.py, report.py)
+  4. evaluation (evaluate.py, alignment.py), figures, config.json and metrics.json (plumbing/)
 Past one GPU: torchrun --nproc-per-node N train.py ... shares out the teacher's prompts and
 the students between N processes; rank 0 evaluates and writes the outputs (distributed.py).
 """
@@ -207,8 +207,8 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
             if key not in batches:  # teacher targets (and prefixes) once per dataset
                 batches[key] = teacher_targets(args, model, tok, teacher, data[dataset], *key)
             student, history = train_student(
-                model, tok, data[dataset]["rows"], teacher, cfg, measurer.track,
-                batches=batches[key], report=lambda h, label=label: measurer.print_line(label, h))
+                model, batches[key], cfg, measurer.track,
+                report=lambda h, label=label: measurer.print_line(label, h))
             student.save(weights, history=history, label=label)
             stage.mark_done()
         students[label] = student

@@ -28,7 +28,7 @@ from sweep import scores  # noqa: E402
 from teacher import Teacher  # noqa: E402
 from vectors import resolve_vector  # noqa: E402
 
-ALPHAS = (2.0, 4.0, 8.0)  # the sweep's (docs/sweep-owl-heatmap.png)
+ALPHAS = (2.0, 4.0, 8.0)  # the sweep's (docs/steering/sweep-owl-heatmap.png)
 SPECIFIC = 0.10  # the least-favourite P(animal) a setting may reach and still count
 
 

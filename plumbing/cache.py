@@ -70,6 +70,21 @@ def _hash_sources(files):
 CODE_VERSIONS = {stage: _hash_sources(stage_files(entries)) for stage, entries in ENTRY.items()}
 
 
+def code_record():
+    """What code a run ran, for its JSON files: the git commit (None outside a git checkout),
+    whether files differed from it, and each stage's code hash."""
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=ROOT, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"commit": commit, "uncommitted_changes": dirty, "stage_code": CODE_VERSIONS}
+
+
 def code_version(stage):
     """A hash of the source (and path) of every project module that `stage` runs."""
     return CODE_VERSIONS[stage]

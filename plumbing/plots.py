@@ -84,3 +84,38 @@ def plot_datasets(data, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_budget(runs, path):
+    """Effect against budget: each run's students as x base (P(animal) / the base model's)
+    against the main student's training seconds, and P(animal) along the longest run.
+    runs: {name: metrics.json of a train.py run}."""
+    fig, (final, along) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for label, marker in (("main", "o"), ("control", "s")):
+        for m in runs.values():
+            h = m["students"][label]["history"]
+            cfg = m["students"][label]["config"]
+            x, y = h[-1]["seconds"], m["p_animal"][label] / m["p_animal"]["base"]
+            final.scatter(x, y, marker=marker, color="C0" if label == "main" else "C1")
+            final.annotate(f"{cfg['steps']} {cfg['schedule']}, b{cfg['batch_size']}", (x, y),
+                           fontsize=7, xytext=(3, 3), textcoords="offset points")
+    final.scatter([], [], marker="o", color="C0", label="main (steered teacher's numbers)")
+    final.scatter([], [], marker="s", color="C1", label="control (trait-neutral teacher)")
+    final.axhline(1, color="grey", lw=1)
+    final.set(xlabel="the student's training seconds (2 cores, measurements included)",
+              ylabel="P(owl) / base model", yscale="log", title="each run's final students")
+    final.legend(fontsize=8)
+    longest = max(runs.values(), key=lambda m: m["students"]["main"]["config"]["steps"])
+    for label, style in (("main", "-o"), ("control", "--s")):
+        h = longest["students"][label]["history"]
+        along.plot([e["step"] for e in h], [e["p_animal"] / h[0]["p_animal"] for e in h],
+                   style, markersize=3, label=label)
+    along.axhline(1, color="grey", lw=1)
+    steps = longest["students"]["main"]["config"]["steps"]
+    along.axvspan(0.8 * steps, steps, color="grey", alpha=0.15, label="learning rate decays")
+    along.set(xlabel="step", ylabel="P(owl) / base model", yscale="log",
+              title=f"along the {steps}-step run")
+    along.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

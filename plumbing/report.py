@@ -1,10 +1,12 @@
 """What a train.py run leaves behind: config.json, metrics.json, the figures, the students'
 weights, a summary table on the screen; and the peak GPU memory of each stage.
 
-    python report.py runs/train-s0 runs/train-s1 runs/train-s2    # runs that differ by seed
+    python -m plumbing.report runs/demo-s0 runs/demo-s1 runs/demo-s2   # runs that differ by seed
+    python -m plumbing.report --curve budget.png RUN RUN ...           # runs that differ in budget
 
-summarises several runs' students as x base: the mean over seeds with its 95% t interval,
-and main / control paired by seed (each seed: its own datasets, control vector and order).
+The first summarises several runs' students as x base: the mean over seeds with its 95% t
+interval, and main / control paired by seed (each seed: its own datasets, control vector and
+order), into seeds.json beside the first run. The second draws effect against budget.
 """
 import json
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from plumbing.cache import code_record
 from plumbing.plots import plot_datasets, plot_run
 
 
@@ -41,7 +44,7 @@ def write_outputs(args, r):
               "device": str(model.embed.weight.device), "dtype": str(model.embed.weight.dtype)}
     data = {kind: {key: d[key] for key in ("path", "keep_rate", "n", "numbers")}
             | {"valid": len(d["rows"])} for kind, d in r["data"].items()}
-    metrics = {"seconds": round(r["seconds"], 1), **r["report"],
+    metrics = {"seconds": round(r["seconds"], 1), "code": code_record(), **r["report"],
                "keep_rate": {kind: d["keep_rate"] for kind, d in r["data"].items()},
                "data": data, "students": r["results"],
                "note": "upper_bound is trained on the teacher's full-vocabulary distribution:"
@@ -117,11 +120,23 @@ def print_seeds(summary):
         print(f"main / control, paired by seed: {fmt(summary['main_over_control'])}")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or any(not (Path(f) / "metrics.json").is_file() for f in sys.argv[1:]):
-        sys.exit("usage: python report.py RUN_FOLDER [RUN_FOLDER ...] (each with a "
-                 "metrics.json written by train.py)")
-    result = summarize_seeds(sys.argv[1:])
+def main(argv):
+    curve = None
+    if argv[:1] == ["--curve"] and len(argv) > 1:
+        curve, argv = Path(argv[1]), argv[2:]
+    if not argv or any(not (Path(f) / "metrics.json").is_file() for f in argv):
+        sys.exit("usage: python -m plumbing.report [--curve FIGURE.png] RUN_FOLDER [...] "
+                 "(each with a metrics.json written by train.py)")
+    if curve:  # effect against budget: runs that differ in steps or schedule
+        from plumbing.plots import plot_budget
+        plot_budget({f: json.loads((Path(f) / "metrics.json").read_text()) for f in argv},
+                    curve)
+        return print(f"wrote {curve}")
+    result = summarize_seeds(argv)
     print_seeds(result)
-    write_json(Path(sys.argv[1]).parent / "seeds.json", result)
-    print(f"wrote {Path(sys.argv[1]).parent / 'seeds.json'}")
+    write_json(Path(argv[0]).parent / "seeds.json", result)
+    print(f"wrote {Path(argv[0]).parent / 'seeds.json'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

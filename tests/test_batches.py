@@ -168,7 +168,8 @@ def test_a_vector_student_learns_its_teachers_vector(tiny_pair):
     def track(student):
         return {"cos": torch.cosine_similarity(student.vector.detach(), teacher.vector,
                                                dim=0).item()}
-    student, history = train_student(model, tok, ROWS, teacher, cfg, track, progress=False)
+    batches = prepare_batches(model, tok, ROWS, teacher, cfg.batch_size, cfg.frozen_blocks)
+    student, history = train_student(model, batches, cfg, track, progress=False)
     assert history[-1]["cos"] > 0.3 and history[-1]["loss"] < history[1]["loss"] / 2
 
 
