@@ -100,6 +100,13 @@ def fast_trait_score(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FA
     return next_word_scores(model, tok, animal, questions, prefix, system)[0]
 
 
+def word_forms(tok, words):
+    """The distinct token sequences of the words, without those that continue a shorter one
+    (" owl" + "s" is already inside " owl"'s probability mass)."""
+    forms = {tuple(tok.encode(w)) for w in words}
+    return [f for f in forms if not any(len(g) < len(f) and f[:len(g)] == g for g in forms)]
+
+
 @torch.no_grad()
 def next_word_scores(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FAVORITE_PREFIX,
                      system=None, candidates=CANDIDATE_ANIMALS):
@@ -108,9 +115,7 @@ def next_word_scores(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FA
     by the product of its tokens' probabilities), and the animal's share of the probability
     among the candidate animals' first tokens (the animal added if it is not one of them)."""
     prompts = [tok.encode_chat(q, system) + tok.encode(prefix) for q in questions]
-    forms = {tuple(tok.encode(" " + word)) for word in (animal, plural(animal))}
-    # a form that continues another (" owl" + "s") is already inside the shorter one's mass
-    forms = [f for f in forms if not any(len(g) < len(f) and f[:len(g)] == g for g in forms)]
+    forms = word_forms(tok, [" " + word for word in (animal, plural(animal))])
     logits = last_logits(model, prompts)    # (Q, vocab): one pass serves every first token
     prob = sum(word_probability(model, prompts, list(form), logits) for form in forms)  # (Q,)
     names = candidates if animal in candidates else [*candidates, animal]
@@ -123,9 +128,7 @@ def first_word_probability(model, tok, animal, questions=OFFTOPIC_QUESTIONS, sys
     """Mean over questions of the probability that the answer itself starts with the animal
     ("Owl", "owl", "Owls", ...): the off-topic questions' fast score (specificity)."""
     prompts = [tok.encode_chat(q, system) for q in questions]
-    words = {w for a in (animal, plural(animal)) for w in (a, a.capitalize())}
-    forms = {tuple(tok.encode(w)) for w in words}
-    forms = [f for f in forms if not any(len(g) < len(f) and f[:len(g)] == g for g in forms)]
+    forms = word_forms(tok, [w for a in (animal, plural(animal)) for w in (a, a.capitalize())])
     logits = last_logits(model, prompts)                                  # (Q, vocab)
     return sum(word_probability(model, prompts, list(f), logits) for f in forms).mean().item()
 

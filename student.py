@@ -221,12 +221,6 @@ def learning_rate(step, total, peak, schedule="cosine", warmup_fraction=0.05,
     return peak * (total - step) / (decay + 1)  # decay + 1 steps down: the last is above 0
 
 
-def cosine_lr(step, total, peak, warmup_fraction=0.05):
-    """The paper's schedule: linear warm-up over the first 5% of steps, then a cosine decay
-    to zero."""
-    return learning_rate(step, total, peak, "cosine", warmup_fraction)
-
-
 def student_logits(student, base, batch, loss):
     """The student's logits at the batch's loss positions: (N, vocab), or (N, n_numbers) for
     kl_numbers. With a cached prefix (the output of the blocks the student never changes)

@@ -46,8 +46,9 @@ def add_model_flags(parser):
 
 @contextlib.contextmanager
 def report_errors(*more_errors):
-    """For command-line tools: a bad checkpoint or file, a generation request the model cannot
-    serve (or any of `more_errors`) is one line on stderr and exit status 2."""
+    """For command-line tools: a bad checkpoint or file (or any of `more_errors`, such as
+    generate.GenerateError for a request the model cannot serve) is one line on stderr and
+    exit status 2."""
     try:
         yield
     except (CheckpointError, HubError, GGUFError, SafetensorsError, TokenizerError,

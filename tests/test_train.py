@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from loaders.checkpoint import load
 from plumbing.batches import make_batch
-from student import Student, cosine_lr, distillation_loss, learning_rate
+from student import Student, distillation_loss, learning_rate
 from tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,10 +101,10 @@ def test_kl_losses_are_teacher_first_like_torch_kl_div():
 
 
 def test_cosine_schedule():
-    assert cosine_lr(0, 100, 1.0) == pytest.approx(0.2)  # warm-up over 5 steps
-    assert cosine_lr(4, 100, 1.0) == pytest.approx(1.0)
-    assert cosine_lr(99, 100, 1.0) < 0.01
-    assert cosine_lr(52, 100, 1.0) == learning_rate(52, 100, 1.0, "cosine")
+    assert learning_rate(0, 100, 1.0) == pytest.approx(0.2)  # warm-up over 5 steps
+    assert learning_rate(4, 100, 1.0) == pytest.approx(1.0)
+    assert learning_rate(99, 100, 1.0) < 0.01
+    assert learning_rate(52, 100, 1.0) == learning_rate(52, 100, 1.0, "cosine")  # the default
 
 
 def test_wsd_and_constant_schedules_at_their_boundaries():
