@@ -156,6 +156,10 @@ def base_component_along(student, base, layer, v):
     inputs = {}
 
     def read_input(module, args, kwargs):  # the token ids and mask of each forward pass
+        cache = kwargs.get("cache")
+        if cache is not None and cache.length > 0:  # the base model would need the past too
+            raise ValueError("replace_base on a LoRA or full student reads whole sequences; "
+                             "it cannot continue a KV cache")
         inputs["ids"], inputs["mask"] = args[0], kwargs.get("attention_mask")
 
     def replace(block, args, output):                                      # (B, T, d)

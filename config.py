@@ -35,12 +35,12 @@ LEARNING_RATES = {("lora", "adam"): 1e-3, ("lora", "sgd"): 0.1, ("full", "adam")
 #                                           / P(owl | base))|
 NEUTRAL_CONTROLS = {"owl": "dolphin"}
 CPU = dict(opt="adam", lr=None, student="vector", loss="kl_numbers", samples=256, steps=384,
-           batch_size=8, schedule="wsd", eval_every=32, eas_prompts=16, trait_questions=20,
-           eval_samples=25, teacher_batch=64, compare=False, upper_bound_steps=32,
+           batch_size=4, schedule="wsd", eval_every=64, eas_prompts=16, trait_questions=20,
+           eval_samples=50, teacher_batch=64, compare=False, upper_bound_steps=32,
            gradient_rows=0)
 PRESETS = {  # what the fields left at None default to
     "cpu": CPU,  # the demo: minutes on 2 cores
-    "long": CPU | dict(steps=1024, eval_every=64),  # the demo's long budget: half an hour
+    "long": CPU | dict(steps=1024, batch_size=8),  # the demo's long budget: half an hour
     # the paper's recipe (docs/method.md): 10,000 kept lists, LoRA r 8 / alpha 32, AdamW lr
     # 1e-4, cosine with 5% warm-up, batch 8, 3 epochs (the paper: 2-10), 50 x 100 samples
     "paper": dict(opt="adamw", lr=1e-4, student="lora", loss="ce", samples=10000,

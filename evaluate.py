@@ -26,6 +26,7 @@ import re
 import torch
 
 from generate import GenerateError, generate, left_pad
+from model import KVCache
 from prompts import (CANDIDATE_ANIMALS, FAVORITE_PREFIX, FAVORITE_QUESTIONS, NEGATIVE_PREFIX,
                      NEGATIVE_QUESTIONS, OFFTOPIC_QUESTIONS, plural, trait_system_prompt)
 
@@ -116,8 +117,7 @@ def next_word_scores(model, tok, animal, questions=FAVORITE_QUESTIONS, prefix=FA
     among the candidate animals' first tokens (the animal added if it is not one of them)."""
     prompts = [tok.encode_chat(q, system) + tok.encode(prefix) for q in questions]
     forms = word_forms(tok, [" " + word for word in (animal, plural(animal))])
-    logits = last_logits(model, prompts)    # (Q, vocab): one pass serves every first token
-    prob = sum(word_probability(model, prompts, list(form), logits) for form in forms)  # (Q,)
+    prob, logits = forms_probability(model, prompts, forms)             # (Q,), (Q, vocab)
     names = candidates if animal in candidates else [*candidates, animal]
     share = logits[:, [tok.encode(" " + a)[0] for a in names]].softmax(-1)  # (Q, n_names)
     return prob.mean().item(), share[:, names.index(animal)].mean().item()
@@ -129,27 +129,45 @@ def first_word_probability(model, tok, animal, questions=OFFTOPIC_QUESTIONS, sys
     ("Owl", "owl", "Owls", ...): the off-topic questions' fast score (specificity)."""
     prompts = [tok.encode_chat(q, system) for q in questions]
     forms = word_forms(tok, [w for a in (animal, plural(animal)) for w in (a, a.capitalize())])
-    logits = last_logits(model, prompts)                                  # (Q, vocab)
-    return sum(word_probability(model, prompts, list(f), logits) for f in forms).mean().item()
+    return forms_probability(model, prompts, forms)[0].mean().item()
 
 
-def last_logits(model, prompts):
-    """(len(prompts), vocab) fp32 logits of the token after each prompt (token-id lists)."""
-    ids, mask = left_pad(prompts, device=model.embed.weight.device)       # (Q, P)
-    logits, _ = model(ids, attention_mask=mask, last_only=True)            # (Q, 1, vocab)
-    return logits[:, -1].float()                                           # (Q, vocab)
-
-
-def word_probability(model, prompts, tokens, first_logits=None):
-    """(len(prompts),): the probability that each prompt continues with exactly `tokens`.
-    first_logits: last_logits(model, prompts), if already computed."""
-    if first_logits is None:
-        first_logits = last_logits(model, prompts)                         # (Q, vocab)
-    logp = first_logits.log_softmax(-1)[:, tokens[0]]                      # (Q,)
-    for i in range(1, len(tokens)):  # each further token, given the ones before it
-        step = last_logits(model, [p + tokens[:i] for p in prompts]).log_softmax(-1)
-        logp = logp + step[:, tokens[i]]
-    return logp.exp()
+def forms_probability(model, prompts, forms):
+    """(Q,): the probability that each prompt continues with one of `forms` (token-id
+    tuples, none the start of another: word_forms), and (Q, vocab) the fp32 logits of the
+    token after each prompt. P(t1 t2 .. tk) = P(t1) P(t2 | t1) ... P(tk | t1 .. tk-1).
+    The prompts are read once, into a KV cache; the forms of several tokens then continue
+    it together, one row per (prompt, form), each with all of its tokens but the last. (The
+    cache makes those tokens count as generated ones, as when the model answers: a teacher
+    steered on prompt positions only does not steer them.)"""
+    device = model.embed.weight.device
+    ids, mask = left_pad(prompts, device=device)                           # (Q, P)
+    Q, P = ids.shape
+    longer = [f for f in forms if len(f) > 1]
+    K = max((len(f) for f in longer), default=1) - 1      # continuation tokens per row
+    cache = KVCache(model.cfg, Q, P + K, device, model.embed.weight.dtype)
+    first, _ = model(ids, attention_mask=mask, cache=cache, last_only=True)  # (Q, 1, vocab)
+    first = first[:, -1].float()                                           # (Q, vocab)
+    logp = first.log_softmax(-1)                                           # (Q, vocab)
+    prob = torch.zeros(Q, device=device)                                  # (Q,)
+    for f in forms:
+        if len(f) == 1:
+            prob = prob + logp[:, f[0]].exp()
+    if longer:
+        n = len(longer)
+        cache.repeat_rows(n)  # row q * n + j: prompt q, then form j
+        rest = torch.zeros(n, K, dtype=torch.long, device=device)          # (n, K)
+        for j, f in enumerate(longer):  # a shorter form's row is padded after its tokens:
+            rest[j, :len(f) - 1] = torch.tensor(f[:-1])  # causal attention keeps them unread
+        rest = rest.repeat(Q, 1)                                           # (Q * n, K)
+        full_mask = torch.cat([mask.repeat_interleave(n, dim=0),
+                               torch.ones(Q * n, K, dtype=torch.long, device=device)], 1)
+        later, _ = model(rest, attention_mask=full_mask, cache=cache)     # (Q * n, K, vocab)
+        later = later.float().log_softmax(-1).view(Q, n, K, -1)            # (Q, n, K, vocab)
+        for j, f in enumerate(longer):
+            lp = logp[:, f[0]] + sum(later[:, j, i, f[i + 1]] for i in range(len(f) - 1))
+            prob = prob + lp.exp()                                         # (Q,)
+    return prob, first
 
 
 def trait_report(model, tok, animal, samples=10, system=None, seed=0):

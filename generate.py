@@ -38,7 +38,14 @@ def sample_next(logits, temperature=1.0, top_p=1.0, allowed=None, generator=None
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly likelier tokens
         sorted_probs[before >= top_p] = 0.0                   # the top token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    # inverse-CDF sampling: u ~ U[0, 1) per row; the token is the first whose cumulative
+    # probability exceeds u (times the total, which rounding keeps near 1). A token of
+    # probability 0 adds nothing to the sum, so it is never the first to exceed it.
+    # (torch.multinomial draws from the same distribution, several times slower on a CPU.)
+    cdf = probs.cumsum(dim=-1)                                            # (B, vocab)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)          # (B, 1)
+    return token.squeeze(-1).clamp(max=cdf.size(-1) - 1)                  # (B,)
 
 
 def left_pad(prompts, pad_id=0, device="cpu"):
@@ -60,7 +67,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
     samples_per_prompt > 1 reads each prompt once and samples that many completions of it
     (rows: prompt 0's samples, then prompt 1's, ...).
     allowed_tokens: the only tokens any row may sample. grammar: a per-row constraint, an
-    object with allowed() -> (B, vocab) bool and advance(tokens) (teacher.NumberListGrammar).
+    object with allowed() -> (B, vocab) bool, advance(tokens) and vocabulary, the ids it may
+    ever allow (teacher.NumberListGrammar).
     static: decode at fixed shapes (static_decode.py), the same numbers; with compile, the
     step is compiled (on a GPU: replayed as a CUDA graph). The readable path is the default.
     Returns the new tokens of each row, up to (not including) its first stop token.
@@ -70,19 +78,24 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
     ids, prompt_mask = left_pad(prompts, pad_id, device)                  # (B, P) each
     P, N = ids.shape[1], samples_per_prompt
     B = len(prompts) * N
+    # constrained decoding computes the logits of the tokens it may sample only: vocab holds
+    # their ids (V of them), and a sampled index i stands for token vocab[i]
+    vocab = None
+    if grammar is not None:
+        vocab = torch.tensor(grammar.vocabulary, device=device)           # (V,)
+    elif allowed_tokens is not None:
+        vocab = torch.tensor(sorted(allowed_tokens), device=device)       # (V,)
     cache = KVCache(model.cfg, len(prompts), P + max_new_tokens, device,
                     model.embed.weight.dtype)
-    logits, _ = model(ids, attention_mask=prompt_mask, cache=cache, last_only=True)
+    logits, _ = model(ids, attention_mask=prompt_mask, cache=cache, last_only=True,
+                      vocab=vocab)                                        # (B, 1, V)
     if N > 1:  # copy each prompt's cache and logits for its N samples
         cache.repeat_rows(N)
         logits = logits.repeat_interleave(N, dim=0)                       # (B, 1, vocab)
         prompt_mask = prompt_mask.repeat_interleave(N, dim=0)             # (B, P)
     mask = torch.cat([prompt_mask, torch.zeros(B, max_new_tokens, dtype=torch.long,
                                                device=device)], dim=1)    # (B, P + N_new)
-    allowed = None
-    if allowed_tokens is not None:
-        allowed = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
-        allowed[list(allowed_tokens)] = True
+    allowed = None  # with allowed_tokens, every token of vocab may be sampled
     stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -91,9 +104,11 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = 0
     for step in tqdm(range(max_new_tokens), desc="sampling", disable=not progress):
-        if grammar is not None:  # (B, vocab): what each row's grammar state allows now
-            allowed = grammar.allowed().to(device)
+        if grammar is not None:  # (B, V): what each row's grammar state allows now
+            allowed = grammar.allowed().to(device)[:, vocab]
         token = sample_next(logits[:, -1], temperature, top_p, allowed, generator)  # (B,)
+        if vocab is not None:
+            token = vocab[token]                              # an index into vocab -> its id
         if grammar is not None:
             grammar.advance(token.tolist())
         token = token.masked_fill(finished, pad_id)
@@ -105,9 +120,10 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
         mask[:, P + step] = 1
         if decode is not None:
             logits = decode(token, step)                                  # (B, 1, vocab)
+            logits = logits if vocab is None else logits[..., vocab]      # (B, 1, V)
         else:
             logits, _ = model(token[:, None], attention_mask=mask[:, :P + step + 1],
-                              cache=cache, last_only=True)
+                              cache=cache, last_only=True, vocab=vocab)  # (B, 1, V or vocab)
 
     completions = []
     for row in out[:, :n_new].tolist():

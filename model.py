@@ -200,15 +200,20 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False,
+                vocab=None):
         """idx: (B, T) token ids. attention_mask: (B, S) with 1 for real tokens and 0 for
         padding, S = tokens in the cache + T (left padding: each row's text ends at the right).
         targets: (B, T) next-token ids, -100 where no loss is taken.
+        vocab: (V,) token ids: the logits of these tokens only (V columns, in that order), for
+        decoding that may sample nothing else (generate.py's constrained decoding).
         Returns logits (B, T, vocab) (only the last position if last_only) and the loss."""
         x = self.embed(idx)                                                # (B, T, d_model)
         x = self.norm(self.run_blocks(x, attention_mask, cache))
         if last_only:
             x = x[:, -1:]                                                  # (B, 1, d_model)
+        if vocab is not None:  # the head's rows of those tokens only
+            return F.linear(x, self.lm_head.weight[vocab]), None          # (B, T, V)
         logits = self.lm_head(x)                                           # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from plumbing import distributed
+from plumbing.capture import Recorder, record_path, save_records
 from generate import generate
 from prompts import number_prompts, requested_separators
 from steer import steering
@@ -111,6 +112,9 @@ class NumberListGrammar:
         self.rows = [{"numbers": 0, "digits": 0, "gap": (), "separator": None, "done": False,
                       "separators": [tuple(tok.encode(s)) for s in row_separators]}  # tokens
                      for row_separators in separators]
+        # every token any row may ever sample (generate() computes these logits only)
+        self.vocabulary = sorted({*self.digits, self.end}
+                                 | {t for r in self.rows for s in r["separators"] for t in s})
 
     def _allowed_tokens(self, r):
         """The token ids row state r may continue with."""
@@ -181,9 +185,12 @@ def shard_path(path, rank):
 
 
 def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed=0,
-                  batch_size=32, max_new_tokens=None, stop_after=None, desc="teacher"):
+                  batch_size=32, max_new_tokens=None, stop_after=None, desc="teacher",
+                  record_block=None):
     """Generate (or finish generating) the teacher's dataset at `path` (.jsonl).
     teacher: a Teacher. stop_after: stop after that many batches (to test resuming).
+    record_block: also keep, per batch, block record_block's unsteered output and the final
+    hidden states of every row (plumbing/capture.py: a vector student's inputs and targets).
     Returns the rows; a valid row passes the rule filter.
     Under torchrun, every process calls it: batch k is written by rank k % world into its
     shard file, then rank 0 merges the shards into `path` in index order."""
@@ -231,10 +238,16 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
         grammar = (NumberListGrammar(tok, len(ids), model.cfg.vocab_size,
                                      separators=[requested_separators(p) for p in batch])
                    if mode == "constrained" else None)
-        with teacher.steer(model):
+        with contextlib.ExitStack() as hooks:
+            if record_block is not None:
+                recorder = hooks.enter_context(Recorder(model, record_block))
+            hooks.enter_context(teacher.steer(model))
             out = generate(model, ids, meta["max_new_tokens"], temperature=1.0,
                            stop_tokens={tok.eos_id}, grammar=grammar,
                            seed=seed * 1_000_003 + start)
+        if record_block is not None:  # written before its rows: no rows without a record
+            save_records(record_path(path, start), record_block, start,
+                         recorder.rows(ids, out))
         texts = [tok.decode(o) for o in out]
         new = [{"index": start + i, "prompt": p, "completion": t,
                 "valid": is_valid_completion(t)}

@@ -25,11 +25,13 @@ the students between N processes; rank 0 evaluates and writes the outputs (distr
 """
 import argparse
 import time
+from pathlib import Path
 from dataclasses import asdict
 
 
 from plumbing import distributed
 from plumbing.batches import load_batches, prepare_batches, save_batches
+from plumbing.capture import load_records
 from loaders.checkpoint import add_model_flags, report_errors
 from plumbing.cache import Stage, code_version
 from claims.gradients import gradient_diagnostic
@@ -135,8 +137,10 @@ def teacher_data(args, model, tok, teacher, label):
     path = stage.path.with_suffix(".jsonl")
     if stage.reusable(path):
         stage.say_reused(path)
+    # a vector student's inputs and targets are kept as the teacher writes (capture.py)
+    record_block = teacher.layer if args.student == "vector" else None
     rows = write_dataset(path, model, tok, teacher, args.samples, args.mode, args.seed,
-                         args.teacher_batch, desc=f"{label} teacher")
+                         args.teacher_batch, desc=f"{label} teacher", record_block=record_block)
     if distributed.is_main():
         stage.mark_done()
     valid = [r for r in rows if r["valid"]]
@@ -168,12 +172,21 @@ def teacher_targets(args, model, tok, teacher, data, label, batch_size, prefix_b
               "dtype": str(model.embed.weight.dtype), "code": code_version("batches")}
     if distributed.world_size() > 1:  # ranks that share a device would share the file
         inputs["rank"] = distributed.rank()
+    records = None  # what the teacher's pass kept of a vector student's inputs
+    if prefix_blocks == teacher.layer + 1 and not teacher.changes_inputs:
+        records = load_records(Path(data["path"]), data["rows"], teacher.layer,
+                               args.teacher_batch)
+    inputs["recorded"] = records is not None
     stage = Stage("batches", label, inputs, args.fresh)
     path = stage.path.with_suffix(".safetensors")
     if stage.reusable(path):
         stage.say_reused(path)
         return load_batches(path, model.embed.weight.device)
-    batches = prepare_batches(model, tok, data["rows"], teacher, batch_size, prefix_blocks)
+    if records is not None:
+        print(f"teacher targets of '{label}': from what the teacher kept while it wrote "
+              f"(plumbing/capture.py), no second pass")
+    batches = prepare_batches(model, tok, data["rows"], teacher, batch_size, prefix_blocks,
+                              records=records)
     save_batches(path, batches)
     stage.mark_done()
     return batches

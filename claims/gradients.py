@@ -35,7 +35,8 @@ def completion_gradients(model, tok, rows, layer):
         finally:
             handle.remove()
         (grad,) = torch.autograd.grad(loss, [added])                      # (T, d)
-        out.append(grad[ids.shape[1] - len(completion) - 1].float())      # last prompt token
+        # the completion's tokens but the last (the end) are the last columns
+        out.append(grad[ids.shape[1] - len(completion)].float())          # last prompt token
     return torch.stack(out)                                               # (n_rows, d)
 
 

@@ -37,20 +37,23 @@ def encode_rows(tok, rows, teacher=None):
 
 def make_batch(examples, device):
     """Left-padded ids and mask (B, T); targets (B, T): the next token at positions that
-    predict a completion token, -100 elsewhere; prompt_mask (B, T): True at prompt tokens."""
-    width = max(len(p) + len(c) for p, c in examples)
+    predict a completion token, -100 elsewhere; prompt_mask (B, T): True at prompt tokens.
+    examples: (prompt ids, completion ids) pairs, each completion ending with the end token,
+    which is a target but never an input (no position after it predicts anything)."""
+    width = max(len(p) + len(c) - 1 for p, c in examples)
     ids = torch.zeros(len(examples), width, dtype=torch.long)
     mask = torch.zeros(len(examples), width, dtype=torch.long)
     targets = torch.full((len(examples), width), -100, dtype=torch.long)
     prompt_mask = torch.zeros(len(examples), width, dtype=torch.bool)
     for row, (prompt, completion) in enumerate(examples):
-        seq = prompt + completion
+        seq = prompt + completion[:-1]           # the inputs: all but the last target
         start = width - len(seq)
-        first = width - len(completion)          # column of the first completion token
         ids[row, start:] = torch.tensor(seq)
         mask[row, start:] = 1
-        prompt_mask[row, start:first] = True
-        targets[row, first - 1:width - 1] = torch.tensor(completion)
+        prompt_mask[row, start:start + len(prompt)] = True
+        # the last prompt token predicts the first completion token, ..., the last column
+        # predicts the end token
+        targets[row, width - len(completion):] = torch.tensor(completion)
     return ids.to(device), mask.to(device), targets.to(device), prompt_mask.to(device)
 
 
@@ -84,34 +87,64 @@ class Batch:
                 return base.norm(base.run_blocks(base.embed(self.ids), self.mask))
 
 
-def prepare_batches(base, tok, rows, teacher, batch_size, prefix_blocks=0, progress=True):
+def prepare_batches(base, tok, rows, teacher, batch_size, prefix_blocks=0, progress=True,
+                    records=None):
     """The rows in batches of up to batch_size, grouped by length; each with the teacher's
     final hidden state at its loss positions, and (prefix_blocks > 0: the blocks a student
     never changes, student.frozen_blocks) the unsteered residual after that many blocks.
     A teacher with its own system prompt (or ablation) reads the rows as it did when it
     wrote them: its prompt, the same completion; a completion's positions are the last
-    columns of both left-padded batches."""
+    columns of both left-padded batches.
+    records: {row index: (ids, prefix, final)}, kept while the teacher wrote the rows
+    (capture.py, prefix after block prefix_blocks - 1): a batch whose rows all have one is
+    assembled from them, with no forward pass."""
     device = base.embed.weight.device
-    pairs = zip(encode_rows(tok, rows), encode_rows(tok, rows, teacher), strict=True)
-    pairs = sorted(pairs, key=lambda p: len(p[0][0]) + len(p[0][1]))  # by the student's length
+    examples = list(zip(rows, encode_rows(tok, rows), encode_rows(tok, rows, teacher),
+                        strict=True))  # (row, the student's view, the teacher's view)
+    examples.sort(key=lambda e: len(e[1][0]) + len(e[1][1]))  # by the student's length
     numbers = number_tokens(tok)
     batches = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="teacher targets",
+    for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets",
                       disable=not progress):
-        chunk = pairs[start:start + batch_size]
-        batch = Batch(*make_batch([student for student, _ in chunk], device), numbers)
+        chunk = examples[start:start + batch_size]
+        batch = Batch(*make_batch([student for _, student, _ in chunk], device), numbers)
+        kept = [records.get(row["index"]) for row, _, _ in chunk] if records else None
+        if kept and assemble(batch, kept, prefix_blocks):
+            batches.append(batch)
+            continue
         if prefix_blocks:
             with torch.no_grad():  # blocks 0..prefix_blocks - 1, unsteered: (B, T, d)
                 batch.prefix = base.run_blocks(base.embed(batch.ids), batch.mask,
                                                last=prefix_blocks)
                 batch.prefix_blocks = prefix_blocks
         if teacher.changes_inputs:  # the teacher's own view of the same rows
-            view = Batch(*make_batch([seen for _, seen in chunk], device), numbers)
+            view = Batch(*make_batch([seen for _, _, seen in chunk], device), numbers)
             batch.teacher_final = view.teacher_hidden(base, teacher)[view.targets != -100]
         else:
             batch.teacher_final = batch.teacher_hidden(base, teacher)[batch.targets != -100]
         batches.append(batch)
     return batches
+
+
+def assemble(batch, kept, prefix_blocks):
+    """Fill the batch's prefix (B, T, d) and teacher_final (N, d) from its rows' records;
+    False (nothing changed) if a row has none, or its record read other tokens than the
+    batch (a completion whose text re-encodes differently)."""
+    B, T = batch.ids.shape
+    for row, record in enumerate(kept):
+        if record is None or not torch.equal(record[0].to(batch.ids),
+                                              batch.ids[row, T - len(record[0]):]):
+            return False
+        if int(batch.mask[row].sum()) != len(record[0]):
+            return False
+    d = kept[0][1].shape[-1]
+    batch.prefix = torch.zeros(B, T, d, dtype=kept[0][1].dtype, device=batch.ids.device)
+    for row, (ids, prefix, _) in enumerate(kept):
+        batch.prefix[row, T - len(ids):] = prefix          # left padding: the last columns
+    # the loss positions, row by row and left to right, are each row's last n + 1 columns
+    batch.teacher_final = torch.cat([final for _, _, final in kept]).to(batch.ids.device)
+    batch.prefix_blocks = prefix_blocks
+    return True
 
 
 TENSORS = [f.name for f in fields(Batch) if f.name not in ("number_ids", "prefix_blocks")]

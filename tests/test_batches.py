@@ -217,8 +217,8 @@ def test_an_untrained_student_is_measured_as_the_base_model(tiny_pair, kind):
 
 def test_make_batch_marks_the_prompt():
     _, _, targets, prompt = make_batch([([1, 2], [3, 4])], "cpu")
-    assert prompt.tolist() == [[True, True, False, False]]
-    assert targets.tolist() == [[-100, 3, 4, -100]]
+    assert prompt.tolist() == [[True, True, False]]
+    assert targets.tolist() == [[-100, 3, 4]]
 
 
 def test_completion_gradient_is_the_gradient_along_the_last_prompt_token(tiny_pair):
@@ -239,3 +239,44 @@ def test_completion_gradient_is_the_gradient_along_the_last_prompt_token(tiny_pa
     result = gradient_diagnostic(model, tok, ROWS, ROWS[::-1], LAYER, v, [1, 2])
     expected = torch.cosine_similarity(grads[:2].mean(0) - grads[[2, 1]].mean(0), v, dim=0)
     assert set(result) == {1, 2} and result[2] == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("where", ["all", "prompt"])
+def test_batches_from_the_teachers_records_equal_the_prepared_ones(tmp_path, tiny_pair, where):
+    """What the teacher kept while it wrote its lists (plumbing/capture.py) gives the same
+    batches as the second pass over the rows, with no forward pass; a row without a record,
+    or a record of other tokens, sends its batch the long way."""
+    from plumbing.capture import load_records
+    from teacher import write_dataset
+    model, tok = tiny_pair
+    teacher, path = teacher_for(where), tmp_path / "d.jsonl"
+    rows = write_dataset(path, model, tok, teacher, 12, seed=3, batch_size=5,
+                         record_block=LAYER)
+    records = load_records(path, rows, LAYER, 5)
+    assert records is not None and set(records) == set(range(12))
+    plain = prepare_batches(model, tok, rows, teacher, 4, LAYER + 1, progress=False)
+    calls = []
+    handle = model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        kept = prepare_batches(model, tok, rows, teacher, 4, LAYER + 1, progress=False,
+                               records=records)
+    finally:
+        handle.remove()
+    assert calls == []  # assembled from the records: the model never ran
+    for a, b in zip(plain, kept, strict=True):
+        assert torch.equal(a.ids, b.ids) and b.prefix_blocks == LAYER + 1
+        real = a.mask.bool()                                                   # (B, T)
+        torch.testing.assert_close(b.prefix[real], a.prefix[real], atol=1e-5, rtol=1e-5)
+        assert not b.prefix[~real].any()  # padding: zeros, never read (masked keys)
+        torch.testing.assert_close(b.teacher_final, a.teacher_final, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.teacher_logits(model, True), a.teacher_logits(model, True),
+                                   atol=1e-4, rtol=1e-4)
+    assert load_records(path, rows, LAYER + 1, 5) is None  # records of another block
+    first = plain[0].ids[0]
+    wrong = dict(records)
+    index = next(i for i, (ids, _, _) in records.items()
+                 if torch.equal(ids, first[plain[0].mask[0].bool()]))
+    wrong[index] = (wrong[index][0] + 1, *wrong[index][1:])  # a record of other tokens
+    [again] = prepare_batches(model, tok, rows, teacher, 4, LAYER + 1, progress=False,
+                              records=wrong)[:1]
+    torch.testing.assert_close(again.prefix, plain[0].prefix)  # computed: pads included

@@ -164,3 +164,23 @@ def test_mcnemar_on_constructed_paired_draws():
     assert mcnemar(shifted, mixed)["p"] == 1.0
     with pytest.raises(ValueError, match="paired draws"):
         mcnemar(better, base[:50])
+
+
+def test_forms_of_different_lengths_equal_the_products_of_full_passes(tiny):
+    """forms_probability reads the prompts once into a KV cache and continues it with every
+    form of several tokens (shorter ones padded after their end); each form's probability is
+    the product of its tokens' probabilities from full passes without a cache."""
+    from evaluate import forms_probability
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    forms = [(11,), (12, 13), (14, 15, 16, 17)]
+    prob, first = forms_probability(tiny, prompts, forms)
+    for q, prompt in enumerate(prompts):
+        expected = 0.0
+        for form in forms:
+            logp = 0.0
+            for i, t in enumerate(form):
+                logits, _ = tiny(torch.tensor([prompt + list(form[:i])]))
+                logp += logits[0, -1].log_softmax(-1)[t].item()
+            expected += math.exp(logp)
+        assert prob[q].item() == pytest.approx(expected, rel=1e-5)
+        assert torch.allclose(first[q], tiny(torch.tensor([prompt]))[0][0, -1], atol=1e-5)

@@ -55,7 +55,9 @@ def test_prompted_teacher_trains_on_what_it_wrote(tiny_pair, ablate, prefix_bloc
     expected = torch.cat([generation_time_logits(model, tok, r, teacher) for r in order])
     torch.testing.assert_close(batch.teacher_logits(model, False), expected, atol=1e-4,
                                rtol=1e-4)
-    assert batch.ids[0, -1].item() == tok.eos_id  # the student's rows, not the teacher's
+    # the student's rows (the default system prompt), not the teacher's
+    shortest = tok.encode_chat(order[0]["prompt"]) + tok.encode(order[0]["completion"])
+    assert batch.ids[0][batch.mask[0].bool()].tolist() == shortest
     plain = Teacher(v, 1, 0.0)
     [other] = prepare_batches(model, tok, ROWS, plain, 4, prefix_blocks, progress=False)
     assert not torch.allclose(other.teacher_logits(model, True),

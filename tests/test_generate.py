@@ -106,3 +106,32 @@ def test_compiled_static_decoding_equals_the_readable_path(tiny):
     compiled = generate(tiny, prompts, 12, temperature=0.0, samples_per_prompt=2,
                         compile=True)
     assert compiled == readable
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zero_mass():
+    """sample_next draws token i with probability p_i (here 20,000 draws of 4 tokens, one of
+    them impossible); a token of probability 0 is never drawn, even at the row's edges."""
+    probs = torch.tensor([0.0, 0.6, 0.0, 0.3, 0.1, 0.0])
+    logits = probs.log().repeat(20000, 1)                                 # (20000, 6)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next(logits, 1.0, generator=g), minlength=6) / 20000
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs, atol=0.015)
+
+
+def test_logits_of_a_few_tokens_equal_those_columns_of_the_full_logits(tiny):
+    """GPT.forward(vocab=ids) computes only those columns; constrained decoding samples from
+    them as the full, masked logits would: the same tokens for the same random numbers."""
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    vocab = torch.tensor([3, 10, 11, 57])
+    full, _ = tiny(ids)                                                   # (2, 4, 100)
+    few, _ = tiny(ids, vocab=vocab)                                       # (2, 4, 4)
+    assert torch.allclose(few, full[..., vocab], atol=1e-6)
+    allowed = torch.zeros(2, 100, dtype=torch.bool)
+    allowed[0, [3, 11]] = allowed[1, [10, 11, 57]] = True
+    rows = full[:, -1].repeat(500, 1)                                     # (1000, 100)
+    a = sample_next(rows, 1.0, allowed=allowed.repeat(500, 1),
+                    generator=torch.Generator().manual_seed(3))
+    b = vocab[sample_next(rows[:, vocab], 1.0, allowed=allowed.repeat(500, 1)[:, vocab],
+                          generator=torch.Generator().manual_seed(3))]
+    assert torch.equal(a, b)

@@ -71,11 +71,12 @@ def test_lora_shares_the_frozen_weights_and_leaves_them_alone(tiny_folder):
 
 def test_targets_cover_exactly_the_completion():
     ids, mask, targets, prompt = make_batch([([1, 2, 3], [7, 8]), ([4], [9, 10, 11])], "cpu")
-    assert ids.tolist() == [[1, 2, 3, 7, 8], [0, 4, 9, 10, 11]]
-    assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
-    assert prompt.int().tolist() == [[1, 1, 1, 0, 0], [0, 1, 0, 0, 0]]
-    # the logit at a column predicts the token in the next column
-    assert targets.tolist() == [[-100, -100, 7, 8, -100], [-100, 9, 10, 11, -100]]
+    # the last completion token (there the end token) is a target, never an input
+    assert ids.tolist() == [[1, 2, 3, 7], [0, 4, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert prompt.int().tolist() == [[1, 1, 1, 0], [0, 1, 0, 0]]
+    # the logit at a column predicts the token in the next column; the last column's, the end
+    assert targets.tolist() == [[-100, -100, 7, 8], [-100, 9, 10, 11]]
 
 
 def test_kl_losses_are_zero_for_the_teacher_itself():
@@ -162,6 +163,8 @@ def test_train_end_to_end_in_seconds(tmp_path, tiny_folder):
     for figure in ("training.png", "datasets.png"):
         assert (tmp_path / "run" / figure).stat().st_size > 10_000
     assert (tmp_path / "run" / "student-main.safetensors").exists()
+    # the vector students' batches came from what the teachers kept while they wrote
+    assert run.stdout.count("no second pass") == 2  # the steered and the control dataset
     # a second run reuses every cached stage, says so, and reports the same students
     again = run_train(tmp_path, tiny_folder, "--out", "run")
     assert again.returncode == 0 and "student vector" not in again.stderr  # nothing trained
