@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from student import StudentConfig
+from student import POSITIONS, StudentConfig
 from vectors import ANIMALS, DEFAULTS
 
 # Learning rates per (student, optimizer); --lr overrides it for --opt's students only.
@@ -61,6 +61,7 @@ class Settings:
     opt: str = None               # the main student's optimizer (optimizers.py)
     student: str = None           # lora, full or vector
     loss: str = None              # ce, kl_numbers or kl_full (ordinary distillation)
+    loss_positions: str = "all"   # the loss at every completion token, or at digits only
     samples: int = None           # teacher prompts per dataset
     steps: int = None             # student optimizer steps
     epochs: float = None          # or: this many passes over the steered rows
@@ -107,6 +108,8 @@ def resolve(settings):
     for key in ("gradient_rows", "lora_from"):
         if getattr(s, key) < 0:
             raise SettingsError(f"--{key.replace('_', '-')} must be at least 0")
+    if s.loss_positions not in POSITIONS:
+        raise SettingsError(f"--loss-positions must be one of: {', '.join(POSITIONS)}")
     if s.trait_questions > 50:
         raise SettingsError("--trait-questions must be at most 50 (there are 50 questions)")
     for key in ("alpha", "lr", "lora_scale", "epochs"):
@@ -158,4 +161,5 @@ def student_config(s, opt=None, loss=None, steps=None, kind=None, lr=None):
     return StudentConfig(kind=kind, layer=s.layer, rank=s.rank, scale=s.lora_scale, opt=opt,
                          lr=lr, loss=loss, steps=steps, batch_size=s.batch_size, seed=s.seed,
                          eval_every=min(s.eval_every, max(1, steps // 4)),
-                         first_block=s.lora_from, schedule=s.schedule)
+                         first_block=s.lora_from, schedule=s.schedule,
+                         positions=s.loss_positions)

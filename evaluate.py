@@ -76,14 +76,16 @@ def trait_rate(model, tok, animal, questions=FAVORITE_QUESTIONS, samples=10, sys
     With a prefix (e.g. "My favorite animal is the") the answer starts with it and the first
     word of the continuation counts. Samples of one question are correlated, so the interval
     is a lower bound on the uncertainty. Also returns the share that mention the animal
-    anywhere, n, and a few example answers."""
+    anywhere, n, and a few example answers. The draws are coupled (generate's Gumbel-max):
+    two models sampled with the same seed share their random numbers token by token, which
+    is what the paired test (paired_test) compares."""
     answers = []
     for start in range(0, len(questions), batch_questions):
         batch = questions[start:start + batch_questions]
         prompts = [tok.encode_chat(q, system) + (tok.encode(prefix) if prefix else [])
                    for q in batch]
         out = generate(model, prompts, max_new_tokens, temperature=1.0, seed=seed + start,
-                       stop_tokens={tok.eos_id}, samples_per_prompt=samples)
+                       stop_tokens={tok.eos_id}, samples_per_prompt=samples, coupled=True)
         answers += [tok.decode(o) for o in out]
     hits = sum(is_animal(a, animal) for a in answers)
     low, high = wilson_interval(hits, len(answers))

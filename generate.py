@@ -22,11 +22,12 @@ class GenerateError(ValueError):
     """A request generate() cannot serve (e.g. longer than the model's context)."""
 
 
-def sample_next(logits, temperature=1.0, top_p=1.0, allowed=None, generator=None):
+def sample_next(logits, temperature=1.0, top_p=1.0, allowed=None, generator=None,
+                coupled=False):
     """One token per row from logits (B, vocab). temperature 0 means greedy (argmax).
     top_p keeps the smallest set of tokens whose probabilities sum to at least top_p.
     allowed: bool mask, (vocab,) or per row (B, vocab), of the only tokens that may be sampled
-    (constrained decoding)."""
+    (constrained decoding). coupled: the Gumbel-max trick below, for comparing models."""
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -38,6 +39,16 @@ def sample_next(logits, temperature=1.0, top_p=1.0, allowed=None, generator=None
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly likelier tokens
         sorted_probs[before >= top_p] = 0.0                   # the top token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if coupled:
+        # Gumbel-max: argmax_i (log p_i + g_i), one g_i ~ Gumbel(0, 1) per token, draws from
+        # p exactly. Two models sampled with the same generator seed share every g_i, so
+        # their draws differ only where their probabilities do: a model whose P(owl) is 3x
+        # another's says "owl" in nearly every draw the other does, and in more (a paired
+        # test then needs far fewer draws than with independent noise). It costs one random
+        # number per token of the vocabulary per row.
+        u = torch.rand(probs.shape, generator=generator, device=probs.device)  # (B, vocab)
+        gumbel = -(-u.log()).log()                                            # (B, vocab)
+        return (probs.log() + gumbel).argmax(dim=-1)                          # (B,)
     # inverse-CDF sampling: u ~ U[0, 1) per row; the token is the first whose cumulative
     # probability exceeds u (times the total, which rounding keeps near 1). A token of
     # probability 0 adds nothing to the sum, so it is never the first to exceed it.
@@ -62,13 +73,15 @@ def left_pad(prompts, pad_id=0, device="cpu"):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop_tokens=(),
              allowed_tokens=None, seed=0, pad_id=0, samples_per_prompt=1, progress=False,
-             grammar=None, static=False, compile=False):
+             grammar=None, static=False, compile=False, coupled=False):
     """Sample a completion for each prompt (a list of token-id lists), all in one batch.
     samples_per_prompt > 1 reads each prompt once and samples that many completions of it
     (rows: prompt 0's samples, then prompt 1's, ...).
     allowed_tokens: the only tokens any row may sample. grammar: a per-row constraint, an
     object with allowed() -> (B, vocab) bool, advance(tokens) and vocabulary, the ids it may
     ever allow (teacher.NumberListGrammar).
+    coupled: sample by the Gumbel-max trick (sample_next), so that two models given the same
+    seed and prompts share their random numbers token by token (evaluate.trait_rate).
     static: decode at fixed shapes (static_decode.py), the same numbers; with compile, the
     step is compiled (on a GPU: replayed as a CUDA graph). The readable path is the default.
     Returns the new tokens of each row, up to (not including) its first stop token.
@@ -106,7 +119,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_p=1.0, stop
     for step in tqdm(range(max_new_tokens), desc="sampling", disable=not progress):
         if grammar is not None:  # (B, V): what each row's grammar state allows now
             allowed = grammar.allowed().to(device)[:, vocab]
-        token = sample_next(logits[:, -1], temperature, top_p, allowed, generator)  # (B,)
+        token = sample_next(logits[:, -1], temperature, top_p, allowed, generator,
+                            coupled)                                                # (B,)
         if vocab is not None:
             token = vocab[token]                              # an index into vocab -> its id
         if grammar is not None:

@@ -41,6 +41,7 @@ LORA_TARGETS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 KINDS = ("lora", "full", "vector")
 LOSSES = ("ce", "kl_numbers", "kl_full")
+POSITIONS = ("all", "digits")  # where the loss is taken: every completion token, or digits
 
 
 @dataclass
@@ -58,6 +59,7 @@ class StudentConfig:
     seed: int = 0      # LoRA initialisation and batch order
     first_block: int = 0  # LoRA: the first block that gets adapters (0: every block)
     schedule: str = "cosine"  # the learning rate over the steps: cosine, wsd or constant
+    positions: str = "all"  # the loss at every completion position, or at digits only
 
     @property
     def frozen_blocks(self):
@@ -250,6 +252,12 @@ def student_logits(student, base, batch, loss):
     return x @ head.T                                                      # (N, vocab or n)
 
 
+def digit_positions(batch):
+    """(N,) bool over the batch's loss positions: True where the next token is a digit."""
+    targets = batch.targets[batch.targets != -100]                         # (N,)
+    return torch.isin(targets, torch.tensor(batch.digit_ids, device=targets.device))
+
+
 def train_student(base, batches, cfg, track, progress=True, report=None):
     """Fine-tune a student on prepared batches (plumbing/batches.py: the teacher's rows, with
     its targets) and return it and its history. cfg: StudentConfig (config.py).
@@ -258,6 +266,8 @@ def train_student(base, batches, cfg, track, progress=True, report=None):
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not '{cfg.loss}'")
     learning_rate(0, cfg.steps, cfg.lr, cfg.schedule)  # an unknown schedule fails here
+    if cfg.positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, not '{cfg.positions}'")
     student = Student.from_config(base, cfg)
     optimizer = make_optimizer(cfg.opt, student.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -277,6 +287,10 @@ def train_student(base, batches, cfg, track, progress=True, report=None):
         teacher_logits = None
         if cfg.loss != "ce":  # from the teacher's hidden states, computed once
             teacher_logits = batch.teacher_logits(base, cfg.loss == "kl_numbers")
+        if cfg.positions == "digits":  # only where the next token is a digit: no separators
+            keep = digit_positions(batch)                                   # (N,)
+            logits, targets = logits[keep], targets[keep]                   # (n, V), (n,)
+            teacher_logits = None if teacher_logits is None else teacher_logits[keep]
         loss = distillation_loss(logits, teacher_logits, targets, cfg.loss)
         optimizer.zero_grad()
         loss.backward()

@@ -40,7 +40,7 @@ from optimizers import OPTIMIZERS
 from plumbing.report import PeakMemory, write_outputs
 from steer import VectorError, check_block
 from config import PRESETS, Settings, SettingsError, resolve, student_config
-from student import KINDS, LOSSES, SCHEDULES, Student, train_student
+from student import KINDS, LOSSES, POSITIONS, SCHEDULES, Student, train_student
 from teacher import Teacher, keep_rate, number_statistics, write_dataset
 from vectors import ANIMALS, check_vector_name, control_vector, default_layer, resolve_vector
 
@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--student", choices=KINDS, help="lora, full, or a single vector")
     p.add_argument("--loss", choices=LOSSES, help="ce (sampled tokens), kl_numbers "
                    "(number tokens only), kl_full (ordinary distillation)")
+    p.add_argument("--loss-positions", choices=POSITIONS, default=d.loss_positions,
+                   help="where the loss is taken: every completion token (all) or only "
+                   "where the next token is a digit (digits: no separators, no end)")
     p.add_argument("--samples", type=int, help="teacher prompts per dataset")
     p.add_argument("--steps", type=int, help="student training steps")
     p.add_argument("--epochs", type=float, help="set the steps to this many passes over the "

@@ -28,6 +28,11 @@ def number_tokens(tok):
     return sorted(ids)
 
 
+def digit_tokens(tok):
+    """The ten digits' tokens (where --loss-positions digits takes the loss)."""
+    return sorted(tok.encode(str(d))[0] for d in range(10))
+
+
 def encode_rows(tok, rows, teacher=None):
     """(prompt ids, completion ids + end token) per row: the prompt as the student reads it
     (the default system prompt), or as `teacher` read it (teacher.Teacher.prompt_ids)."""
@@ -64,6 +69,7 @@ class Batch:
     targets: torch.Tensor      # (B, T) next completion token, -100 where no loss is taken
     prompt_mask: torch.Tensor  # (B, T) True at prompt tokens (what where="prompt" steers)
     number_ids: list           # the number tokens (kl_numbers' vocabulary)
+    digit_ids: list            # the digits among them
     prefix: torch.Tensor = None          # (B, T, d) unsteered residual after prefix_blocks
     prefix_blocks: int = 0               # how many blocks the prefix has run (0: no prefix)
     teacher_final: torch.Tensor = None   # (N, d) teacher's final hidden state, loss positions
@@ -102,12 +108,13 @@ def prepare_batches(base, tok, rows, teacher, batch_size, prefix_blocks=0, progr
     examples = list(zip(rows, encode_rows(tok, rows), encode_rows(tok, rows, teacher),
                         strict=True))  # (row, the student's view, the teacher's view)
     examples.sort(key=lambda e: len(e[1][0]) + len(e[1][1]))  # by the student's length
-    numbers = number_tokens(tok)
+    numbers, digits = number_tokens(tok), digit_tokens(tok)
     batches = []
     for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets",
                       disable=not progress):
         chunk = examples[start:start + batch_size]
-        batch = Batch(*make_batch([student for _, student, _ in chunk], device), numbers)
+        batch = Batch(*make_batch([student for _, student, _ in chunk], device), numbers,
+                      digits)
         kept = [records.get(row["index"]) for row, _, _ in chunk] if records else None
         if kept and assemble(batch, kept, prefix_blocks):
             batches.append(batch)
@@ -118,7 +125,8 @@ def prepare_batches(base, tok, rows, teacher, batch_size, prefix_blocks=0, progr
                                                last=prefix_blocks)
                 batch.prefix_blocks = prefix_blocks
         if teacher.changes_inputs:  # the teacher's own view of the same rows
-            view = Batch(*make_batch([seen for _, _, seen in chunk], device), numbers)
+            view = Batch(*make_batch([seen for _, _, seen in chunk], device), numbers,
+                         digits)
             batch.teacher_final = view.teacher_hidden(base, teacher)[view.targets != -100]
         else:
             batch.teacher_final = batch.teacher_hidden(base, teacher)[batch.targets != -100]
@@ -147,7 +155,8 @@ def assemble(batch, kept, prefix_blocks):
     return True
 
 
-TENSORS = [f.name for f in fields(Batch) if f.name not in ("number_ids", "prefix_blocks")]
+TENSORS = [f.name for f in fields(Batch)
+           if f.name not in ("number_ids", "digit_ids", "prefix_blocks")]
 
 
 def save_batches(path, batches):
@@ -155,14 +164,16 @@ def save_batches(path, batches):
     tensors = {f"{i}.{name}": getattr(b, name).cpu() for i, b in enumerate(batches)
                for name in TENSORS if getattr(b, name) is not None}
     write_safetensors(path, tensors, {"number_ids": ",".join(map(str, batches[0].number_ids)),
+                                      "digit_ids": ",".join(map(str, batches[0].digit_ids)),
                                       "prefix_blocks": batches[0].prefix_blocks})
 
 
 def load_batches(path, device):
     tensors, metadata = read_safetensors(path)
     numbers = [int(i) for i in metadata["number_ids"].split(",")]
+    digits = [int(i) for i in metadata["digit_ids"].split(",")]
     count = 1 + max(int(name.split(".")[0]) for name in tensors)
     prefix_blocks = int(metadata.get("prefix_blocks", 0))
     return [Batch(**{name: tensors[f"{i}.{name}"].to(device) if f"{i}.{name}" in tensors
-                     else None for name in TENSORS}, number_ids=numbers,
+                     else None for name in TENSORS}, number_ids=numbers, digit_ids=digits,
                   prefix_blocks=prefix_blocks) for i in range(count)]

@@ -119,6 +119,28 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zero_mass():
     assert torch.allclose(counts, probs, atol=0.015)
 
 
+def test_coupled_sampling_follows_the_distribution_and_couples_two_models():
+    """Gumbel-max (coupled=True) draws token i with probability p_i and never a token of
+    probability 0; two models sampled with the same seed share their noise, so raising one
+    token's logit keeps every draw that token already won and only adds draws to it."""
+    probs = torch.tensor([0.0, 0.6, 0.0, 0.3, 0.1, 0.0])
+    logits = probs.log().repeat(20000, 1)                                 # (20000, 6)
+    draw = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(0), coupled=True)
+    counts = torch.bincount(draw, minlength=6) / 20000
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs, atol=0.015)
+    raised = logits.clone()
+    raised[:, 4] += 1.2                                   # token 4: 0.1 -> about 0.27
+    again = sample_next(raised, 1.0, generator=torch.Generator().manual_seed(0), coupled=True)
+    assert bool((again[draw == 4] == 4).all())            # every earlier win is kept
+    assert 0.24 < (again == 4).float().mean() < 0.30
+    changed = again != draw
+    assert bool((again[changed] == 4).all())              # and nothing else changes
+    independent = sample_next(raised, 1.0, generator=torch.Generator().manual_seed(1),
+                              coupled=True)
+    assert (independent != draw).float().mean() > 0.4     # other noise: many draws differ
+
+
 def test_logits_of_a_few_tokens_equal_those_columns_of_the_full_logits(tiny):
     """GPT.forward(vocab=ids) computes only those columns; constrained decoding samples from
     them as the full, masked logits would: the same tokens for the same random numbers."""

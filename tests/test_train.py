@@ -214,7 +214,7 @@ def test_lr_applies_to_the_chosen_optimizer_only(tmp_path, tiny_folder):
     (["--trait-questions", "0"], "at least 1"), (["--trait-questions", "51"], "at most 50"),
     (["--eas-prompts", "0"], "at least 1"), (["--animal", "unicorn"], "--animal must be"),
     (["--out", "README.md"], "is a file"), (["--gradient-rows", "-3"], "at least 0"),
-    (["--lora-from", "-1"], "at least 0"),
+    (["--lora-from", "-1"], "at least 0"), (["--loss-positions", "commas"], "invalid choice"),
     *([(["--device", "cuda"], "no CUDA")] if not torch.cuda.is_available() else [])])
 def test_bad_input_is_one_line(flags, message):
     run = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True,
