@@ -20,17 +20,17 @@ from loaders.safetensors_file import read_safetensors, write_safetensors
 from steer import steered_positions
 
 
-def number_tokens(tok):
-    """The tokens a number list can contain: the ten digits, ',', ';', ' ' and the end
-    token."""
-    ids = ({tok.encode(str(d))[0] for d in range(10)} | set(tok.encode(", ")) | set(tok.encode(";"))
-           | {tok.eos_id})
-    return sorted(ids)
-
-
 def digit_tokens(tok):
     """The ten digits' tokens (where --loss-positions digits takes the loss)."""
     return sorted(tok.encode(str(d))[0] for d in range(10))
+
+
+def number_tokens(tok):
+    """The tokens a number list can contain: the ten digits, ',', ';', ' ' and the end
+    token."""
+    ids = (set(digit_tokens(tok)) | set(tok.encode(", ")) | set(tok.encode(";"))
+           | {tok.eos_id})
+    return sorted(ids)
 
 
 def encode_rows(tok, rows, teacher=None):
@@ -140,10 +140,8 @@ def assemble(batch, kept, prefix_blocks):
     batch (a completion whose text re-encodes differently)."""
     B, T = batch.ids.shape
     for row, record in enumerate(kept):
-        if record is None or not torch.equal(record[0].to(batch.ids),
-                                              batch.ids[row, T - len(record[0]):]):
-            return False
-        if int(batch.mask[row].sum()) != len(record[0]):
+        real = batch.ids[row][batch.mask[row].bool()]     # the row's tokens, without padding
+        if record is None or not torch.equal(record[0].to(real), real):
             return False
     d = kept[0][1].shape[-1]
     batch.prefix = torch.zeros(B, T, d, dtype=kept[0][1].dtype, device=batch.ids.device)
