@@ -66,6 +66,19 @@ def optimizer_list(text):
     return [o for o in OPTS if o in opts]
 
 
+TEACHERS = ["prompt", "steered", "steered-prompt", "control", "neutral"]
+
+
+def teacher_list(text):
+    """--teachers: a comma-separated subset of prompt-teacher's five teachers, the prompt's
+    among them."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if not kinds or "prompt" not in kinds or any(k not in TEACHERS for k in kinds):
+        raise argparse.ArgumentTypeError(f"'{text}': give teachers from {', '.join(TEACHERS)}, "
+                                         f"prompt among them")
+    return [k for k in TEACHERS if k in kinds]
+
+
 def parse_args(argv=None):
     names = "\n".join(f"  {name:15} {claim}" for name, (claim, _) in CLAIMS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -92,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--opts", type=optimizer_list, metavar="A,B,...",
                    help="optimizers: which optimizers (default all six; Adam must be one: "
                         "the others are matched to its loss)")
+    p.add_argument("--teachers", type=teacher_list, metavar="A,B,...",
+                   help=f"prompt-teacher: which teachers ({', '.join(TEACHERS)}; default all "
+                        f"five, on the cpu preset prompt,steered,control)")
     p.add_argument("--animals", type=int, default=8, help="steerability: how many animals")
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                    help="optimizers: also full fine-tuning with Adam and SGD (default: on "
@@ -133,9 +149,12 @@ def write_result(args, result, started):
 # (4 teachers x 3 seeds) where the others train 9 or fewer; each costs about 3 min at 128
 # lists and 128 steps (36 min in all), so its datasets are 96 lists and its students take
 # 96 steps. With --samples 128 --steps 128 it reuses prompt-teacher's prompt and control
-# students instead. Flags override all of these.
+# students instead. prompt-teacher trains three of its five teachers' students (the prompt's,
+# the steered teacher's, the random control's). Flags override all of these.
 TRANSFER = {"samples": 128, "eval_every": 32}
-CPU_DEFAULTS = {"prompt-teacher": TRANSFER, "random": TRANSFER, "layers": TRANSFER,
+CPU_DEFAULTS = {"prompt-teacher": TRANSFER | {"teachers": ["prompt", "steered", "control"]},
+                "random": TRANSFER, "layers": TRANSFER | {"teachers": ["prompt", "steered",
+                                                                       "control"]},
                 "necessity": TRANSFER | {"samples": 96, "steps": 96},
                 "optimizers": {"steps": 48, "samples": 128}, "steerability": TRANSFER}
 
@@ -144,6 +163,8 @@ def cpu_defaults(args):
     for key, value in CPU_DEFAULTS.get(args.name, {}).items():
         if args.preset == "cpu" and getattr(args, key) is None:
             setattr(args, key, value)
+    if getattr(args, "teachers", None) is None:
+        args.teachers = TEACHERS
 
 
 NEEDS = {"layers": ["prompt-teacher", "optimizers"]}  # experiments whose results it reads

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from config import LEARNING_RATES, Settings, resolve, student_config
+from config import LEARNING_RATES, NEUTRAL_CONTROLS, Settings, resolve, student_config
 from alignment import Measurer
 from prompts import trait_system_prompt
 from steer import check_block
@@ -51,18 +51,23 @@ class Lab:
         return s
 
     def teacher(self, kind, seed=0, vector=None):
-        """prompt (the system prompt), steered (alpha v), control (alpha * a random vector of
-        |v|, seed + 1: train.py's control), ablate-L / ablate-all (the prompt, v^ projected
-        out at the teacher's block / at every block), or a vector's own steered teacher."""
+        """prompt (the system prompt), steered (alpha v), steered-prompt (alpha v on the
+        prompt's positions only: the authors' sufficiency mode), control (alpha * a random
+        vector of |v|, seed + 1: train.py's random control), neutral (alpha * the trait-neutral
+        animal's vector scaled to |v|: train.py's default control), ablate-L / ablate-all (the
+        prompt, v^ projected out at the teacher's block / at every block), or a vector's own
+        steered teacher."""
         v, L, alpha = self.vector, self.layer, self.alpha
         system = trait_system_prompt("owl")
         if kind == "prompt":
             return Teacher(v, L, 0.0, system=system)
         if kind == "steered":
             return Teacher(v if vector is None else vector, L, alpha)
-        if kind == "control":
-            return Teacher(control_vector("random", v, self.model, self.tok, L, seed)[0], L,
-                           alpha)
+        if kind == "steered-prompt":
+            return Teacher(v, L, alpha, where="prompt")
+        if kind in ("control", "neutral"):
+            name = "random" if kind == "control" else NEUTRAL_CONTROLS["owl"]
+            return Teacher(control_vector(name, v, self.model, self.tok, L, seed)[0], L, alpha)
         if kind == "ablate-L":
             return Teacher(v, L, 0.0, system=system, ablate=(L,))
         if kind == "ablate-all":

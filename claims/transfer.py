@@ -1,8 +1,11 @@
 """Experiments on what transfers: prompt-teacher, necessity, random, layers (experiments.py).
 
-prompt-teacher  teachers: the owl system prompt (no vector), alpha * v (v: that prompt's
-                mean-difference vector at block L), and the control (a random vector of |v|).
-                One Adam student per teacher and seed; alignment is measured against v.
+prompt-teacher  teachers (--teachers): the owl system prompt (no vector), alpha * v (v: that
+                prompt's mean-difference vector at block L) at every position and on the
+                prompt's positions only (steered-prompt), and two controls of |v|: a random
+                vector (control) and the trait-neutral animal's vector (neutral). One Adam
+                student per teacher and seed; alignment is measured against v; each student's
+                P(owl) over each control's, paired by seed.
 necessity       the prompted teacher with v/|v| projected out after block L, and after every
                 block (the authors' choice); also how much of the prompt's own effect on
                 P(owl) survives the projection at inference time.
@@ -20,9 +23,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from claims.lab import across_seeds, strip_shifts  # noqa: E402
+from claims.lab import across_seeds, interval, strip_shifts  # noqa: E402
 
-COLORS = {"prompt": "tab:purple", "steered": "tab:blue", "control": "tab:gray",
+COLORS = {"prompt": "tab:purple", "steered": "tab:blue", "steered-prompt": "tab:cyan",
+          "control": "tab:gray", "neutral": "tab:olive",
           "ablate-L": "tab:orange", "ablate-all": "tab:red"}
 
 
@@ -85,12 +89,22 @@ def transfer_experiment(lab, args, kinds, title):
             "per_seed": strip_shifts(per_seed)}
 
 
+def over_controls(per_seed, kinds):
+    """{kind: {control: interval of P(owl | kind's student) / P(owl | control's student)}},
+    the ratio taken within each seed (the two students share prompts and batch order)."""
+    controls = [k for k in ("control", "neutral") if k in kinds]
+    return {kind: {c: interval([s[kind]["p_animal"] / s[c]["p_animal"] for s in per_seed])
+                   for c in controls} for kind in kinds if kind not in controls}
+
+
 def prompt_teacher(lab, args):
-    result = transfer_experiment(lab, args, ["prompt", "steered", "control"],
-                                 "prompt-teacher: students of the prompted, the "
-                                 "vector-steered and the control teacher")
-    result["prompt_minus_control_p_animal"] = [s["prompt"]["p_animal"] - s["control"]["p_animal"]
-                                               for s in result["per_seed"]]
+    kinds = args.teachers
+    result = transfer_experiment(lab, args, kinds, "prompt-teacher: students of the prompted "
+                                 "and the vector-steered teachers and of the controls")
+    result["over_controls"] = over_controls(result["per_seed"], kinds)
+    if "control" in kinds:
+        result["prompt_minus_control_p_animal"] = [
+            s["prompt"]["p_animal"] - s["control"]["p_animal"] for s in result["per_seed"]]
     return result
 
 
@@ -149,7 +163,7 @@ def layers(lab, args):
     sources = {name: json.loads((args.out.parent / name / "result.json").read_text())
                for name in ("prompt-teacher", "optimizers")}
     curves = {}
-    for kind in ("prompt", "steered", "control"):
+    for kind in sources["prompt-teacher"]["summary"]:
         runs = [s[kind] for s in sources["prompt-teacher"]["per_seed"]]
         curves[f"prompt-teacher {kind}"] = average_by_block(runs)
     for opt, run in sources["optimizers"]["chosen"].items():

@@ -171,7 +171,29 @@ def test_optimizers_with_lora_on_the_late_blocks(tmp_path, tiny_folder):
     assert data["settings"]["lora_from"] == "layer"
 
 
+def test_prompt_teacher_with_every_teacher(tmp_path, tiny_folder):
+    """--teachers: the steered teacher on the prompt's positions only and the trait-neutral
+    control train students too; each student's P(owl) is divided by each control's, seed by
+    seed (the ratios are recomputed here from the per-seed figures)."""
+    result = run(tmp_path, tiny_folder, "prompt-teacher", "--teachers",
+                 "neutral,steered-prompt,prompt,control")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "runs/experiments/prompt-teacher/result.json").read_text())
+    assert list(data["summary"]) == ["prompt", "steered-prompt", "control", "neutral"]
+    ratios = data["over_controls"]
+    assert set(ratios) == {"prompt", "steered-prompt"}
+    for kind in ratios:
+        for control in ("control", "neutral"):
+            expected = [s[kind]["p_animal"] / s[control]["p_animal"] for s in data["per_seed"]]
+            assert ratios[kind][control]["values"] == pytest.approx(expected)
+    teachers = data["teachers_p_animal"][0]
+    assert teachers["steered-prompt"] != teachers["prompt"]
+    assert data["settings"]["teachers"] == ["prompt", "steered-prompt", "control", "neutral"]
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["prompt-teacher", "--teachers", "steered"], "prompt among them"),
+    (["prompt-teacher", "--teachers", "prompt,owl"], "prompt among them"),
     (["nonsense"], "invalid choice"), (["random", "--seeds", "0"], "at least 1"),
     (["random", "--layer", "9"], "out of range"),
     (["optimizers", "--lora-from", "x"], "neither a block number nor 'layer'"),
