@@ -55,28 +55,29 @@ def block_or_layer(text):
     return int(text)
 
 
+def subset(text, choices, required, what, required_label):
+    """A comma-separated subset of `choices` with `required` among them, in choices' order;
+    anything else is argparse's one-line error."""
+    picked = [c.strip() for c in text.split(",") if c.strip()]
+    if required not in picked or any(c not in choices for c in picked):
+        raise argparse.ArgumentTypeError(f"'{text}': give {what} from {', '.join(choices)}, "
+                                         f"{required_label} among them")
+    return [c for c in choices if c in picked]
+
+
 def optimizer_list(text):
-    """--opts: a comma-separated subset of the optimizers experiment's six, with Adam."""
+    """--opts: a subset of the optimizers experiment's six, with Adam."""
     from claims.optimizer_choice import OPTS
-    opts = [o.strip() for o in text.split(",") if o.strip()]
-    unknown = [o for o in opts if o not in OPTS]
-    if unknown or "adam" not in opts:
-        raise argparse.ArgumentTypeError(f"'{text}': give optimizers from {', '.join(OPTS)}, "
-                                         f"Adam among them")
-    return [o for o in OPTS if o in opts]
+    return subset(text, OPTS, "adam", "optimizers", "Adam")
 
 
 TEACHERS = ["prompt", "steered", "steered-prompt", "control", "neutral"]
+CPU_TEACHERS = ["prompt", "steered", "control"]  # the cpu preset's: the 30-minute budget
 
 
 def teacher_list(text):
-    """--teachers: a comma-separated subset of prompt-teacher's five teachers, the prompt's
-    among them."""
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    if not kinds or "prompt" not in kinds or any(k not in TEACHERS for k in kinds):
-        raise argparse.ArgumentTypeError(f"'{text}': give teachers from {', '.join(TEACHERS)}, "
-                                         f"prompt among them")
-    return [k for k in TEACHERS if k in kinds]
+    """--teachers: a subset of prompt-teacher's five teachers, the prompt's among them."""
+    return subset(text, TEACHERS, "prompt", "teachers", "prompt")
 
 
 def parse_args(argv=None):
@@ -107,7 +108,7 @@ def parse_args(argv=None):
                         "the others are matched to its loss)")
     p.add_argument("--teachers", type=teacher_list, metavar="A,B,...",
                    help=f"prompt-teacher: which teachers ({', '.join(TEACHERS)}; default all "
-                        f"five, on the cpu preset prompt,steered,control)")
+                        f"five, on the cpu preset {','.join(CPU_TEACHERS)})")
     p.add_argument("--animals", type=int, default=8, help="steerability: how many animals")
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                    help="optimizers: also full fine-tuning with Adam and SGD (default: on "
@@ -152,9 +153,8 @@ def write_result(args, result, started):
 # students instead. prompt-teacher trains three of its five teachers' students (the prompt's,
 # the steered teacher's, the random control's). Flags override all of these.
 TRANSFER = {"samples": 128, "eval_every": 32}
-CPU_DEFAULTS = {"prompt-teacher": TRANSFER | {"teachers": ["prompt", "steered", "control"]},
-                "random": TRANSFER, "layers": TRANSFER | {"teachers": ["prompt", "steered",
-                                                                       "control"]},
+CPU_DEFAULTS = {"prompt-teacher": TRANSFER | {"teachers": CPU_TEACHERS}, "random": TRANSFER,
+                "layers": TRANSFER | {"teachers": CPU_TEACHERS},
                 "necessity": TRANSFER | {"samples": 96, "steps": 96},
                 "optimizers": {"steps": 48, "samples": 128}, "steerability": TRANSFER}
 
