@@ -155,12 +155,14 @@ def base_component_along(student, base, layer, v):
         return
     inputs = {}
 
-    def read_input(module, args, kwargs):  # the token ids and mask of each forward pass
-        cache = kwargs.get("cache")
-        if cache is not None and cache.length > 0:  # the base model would need the past too
-            raise ValueError("replace_base on a LoRA or full student reads whole sequences; "
-                             "it cannot continue a KV cache")
-        inputs["ids"], inputs["mask"] = args[0], kwargs.get("attention_mask")
+    def read_input(module, args, kwargs):  # the whole sequence of each forward pass
+        ids, cache = args[0], kwargs.get("cache")                          # (B, T)
+        if cache is not None and cache.length > 0:  # a continuation: the base model reads
+            past = inputs["ids"]                    # the past too (it has no cache here)
+            # (B, P): the past's rows repeated as the cache's were (KVCache.repeat_rows)
+            past = past.repeat_interleave(ids.size(0) // past.size(0), dim=0)
+            ids = torch.cat([past, ids], dim=1)                            # (B, P + T)
+        inputs["ids"], inputs["mask"] = ids, kwargs.get("attention_mask")  # mask: (B, P + T)
 
     def replace(block, args, output):                                      # (B, T, d)
         ref = read_residuals(base, inputs["ids"], inputs["mask"], [layer])[layer]  # (B, T, d)
@@ -213,9 +215,16 @@ def final_report(m, students, results, teacher, control, eval_samples):
         if label != "control" and "control" in results:
             versus_control[label] = difference_alignment(results[label]["history"],
                                                          results["control"]["history"], v)
+    # a student that never moved (an optimizer whose step does nothing, say) has no direction:
+    # its EAS reads 0 (a cosine with a zero vector), which must not pass for a measurement
+    degenerate = {label: "never moved: its shift from the base model is zero at every "
+                         "measurement, so its EAS means nothing (does the optimizer step?)"
+                  for label, r in results.items()
+                  if len(r["history"]) > 1
+                  and all(h.get("shift_norm", 1.0) == 0 for h in r["history"][1:])}
     for r in results.values():  # the shifts themselves are kept with the students' weights
         for h in r["history"]:
             h.pop("shift", None)
     return {"p_animal": p_animal, "specificity": specificity, "sampled_trait_rate": rates,
             "eas_by_block": eas_by_block, "eas_minus_control": versus_control,
-            "causal": causal, "animal": m.animal}
+            "causal": causal, "animal": m.animal, "degenerate_students": degenerate}

@@ -10,8 +10,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import torch
-
+from plumbing import flags
 from student import POSITIONS, StudentConfig
 from vectors import ANIMALS, DEFAULTS
 
@@ -140,11 +139,12 @@ def resolve(settings):
 
 
 def check_device(device, error=ValueError):
-    """An error if the named device is not here (None: the best there is, always fine)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise error("--device cuda: no CUDA device here")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise error("--device mps: no MPS device here")
+    """An error if the named device is not here (None: the best there is, always fine):
+    plumbing/flags.py's check, raised as `error`."""
+    try:
+        flags.check_device(device)
+    except flags.FlagError as e:
+        raise error(str(e)) from None
 
 
 def as_dict(settings):

@@ -212,13 +212,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.samples_per_question < 1:
         parser.error("--samples-per-question must be at least 1")
-    if args.alpha is not None and not math.isfinite(args.alpha):
-        parser.error("--alpha must be a finite number")
+    from plumbing.flags import check_common
+    check_common(parser, args, out="file")  # --vector, --alpha, --seed, --device, --out, ...
+    for key in ("alpha", "layer"):  # steering settings without a vector would be ignored
+        if getattr(args, key) is not None and args.vector is None:
+            parser.error(f"--{key} needs --vector (the vector to steer with)")
     from vectors import ANIMALS
     if args.animal not in ANIMALS:
         parser.error(f"--animal must be one of: {', '.join(ANIMALS)}")
 
-    from steer import VectorError, steering
+    from steer import VectorError, check_block, steering
     from vectors import DEFAULTS, check_vector_name, default_layer, resolve_vector
     with report_errors(VectorError, GenerateError):
         if args.vector:
@@ -228,6 +231,7 @@ def main(argv=None):
         context, setting = contextlib.nullcontext(), {}
         if args.vector:
             layer = default_layer(model.cfg.n_layer) if args.layer is None else args.layer
+            check_block(layer, model.cfg.n_layer, "--layer")  # the depth is known now
             alpha = DEFAULTS["alpha"] if args.alpha is None else args.alpha
             vector, meta = resolve_vector(args.vector, model, tok, layer, args.method)
             context = steering(model, layer, vector, alpha)

@@ -22,6 +22,7 @@ from pathlib import Path
 from config import PRESETS
 from loaders.checkpoint import add_model_flags
 from plumbing.cache import code_record
+from plumbing.flags import check_common
 from vectors import ANIMALS, DEFAULTS
 
 CLAIMS = {  # name: (the claim, the paper's figure)
@@ -125,8 +126,7 @@ def parse_args(argv=None):
         p.error(f"--animals must be at most {len(ANIMALS)}")
     cpu_defaults(args)
     args.out = Path(args.out or f"runs/experiments/{args.name}")
-    if args.out.exists() and not args.out.is_dir():
-        p.error(f"--out {args.out} is a file, not a folder")
+    check_common(p, args)  # --alpha, --layer, --steps, --device, --out (plumbing/flags.py)
     return args
 
 

@@ -172,6 +172,8 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from plumbing.flags import check_common
+    check_common(parser, args)  # --device, --seed, --temperature, --top-p (plumbing/flags.py)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1")
 

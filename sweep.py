@@ -164,10 +164,13 @@ def main(argv=None):
         parser.error("--alphas must be finite numbers")
     if args.prompts < 1 or args.samples_per_question < 0:
         parser.error("--prompts must be at least 1 and --samples-per-question at least 0")
+    if any(layer < 0 for layer in layers):
+        parser.error("--layers must be at least 0")
     if args.animal not in ANIMALS:
         parser.error(f"--animal must be one of: {', '.join(ANIMALS)}")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file, not a folder")
+    args.out = args.out or f"runs/sweep-{args.animal}"  # checked now, written after the work
+    from plumbing.flags import check_common
+    check_common(parser, args)  # --seed, --device, --out (plumbing/flags.py)
 
     from generate import GenerateError
     with report_errors(GenerateError):

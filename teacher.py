@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from plumbing import distributed
+from plumbing.cache import write_atomic
 from plumbing.capture import Recorder, record_path, save_records
 from generate import generate
 from prompts import number_prompts, requested_separators
@@ -179,6 +180,16 @@ def _read_rows(path, starts, batch_size, n_prompts):
     return complete
 
 
+def read_dataset(path, n_prompts, batch_size):
+    """The rows of a dataset that write_dataset finished, read without writing anything; an
+    error if the file holds fewer than n_prompts rows."""
+    rows = _read_rows(Path(path), range(0, n_prompts, batch_size), batch_size, n_prompts)
+    if len(rows) != n_prompts:
+        raise ValueError(f"{path}: holds {len(rows)} of its {n_prompts} rows; delete it "
+                         f"(or run with --fresh)")
+    return rows
+
+
 def shard_path(path, rank):
     """The file of the rows that process `rank` writes when several share the work."""
     return path.with_suffix(f".rank{rank}.jsonl")
@@ -215,8 +226,8 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
     distributed.barrier()  # every rank has read the file before rank 0 rewrites it
     path.parent.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
-        meta_path.write_text(json.dumps(meta, indent=2))
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop any partial batch
+        write_atomic(meta_path, json.dumps(meta, indent=2))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))  # drop a partial batch
 
     rank, world = distributed.rank(), distributed.world_size()
     starts = [s for s in range(len(rows), n_prompts, batch_size)
@@ -226,7 +237,7 @@ def write_dataset(path, model, tok, teacher, n_prompts, mode="constrained", seed
         target = shard_path(path, rank)
         kept = (_read_rows(target, starts, batch_size, n_prompts)
                 if resuming and target.exists() else [])
-        target.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(target, "".join(json.dumps(r) + "\n" for r in kept))
         starts = [s for s in starts if s not in {r["index"] for r in kept}]
     prompts = number_prompts(n_prompts, seed)
     for done, start in enumerate(tqdm(starts, desc=f"{desc} (alpha {teacher.alpha:g}, {mode})",
@@ -277,7 +288,7 @@ def _merge_shards(path, n_prompts, batch_size):
             if start not in found:
                 break
             rows += [found[i] for i in range(start, min(start + batch_size, n_prompts))]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         if len(rows) == n_prompts:  # (also the shards of a run with another number of ranks)
             for shard in path.parent.glob(f"{path.stem}.rank*.jsonl"):
                 shard.unlink()

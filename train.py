@@ -24,6 +24,7 @@ Past one GPU: torchrun --nproc-per-node N train.py ... shares out the teacher's 
 the students between N processes; rank 0 evaluates and writes the outputs (distributed.py).
 """
 import argparse
+import contextlib
 import time
 from pathlib import Path
 from dataclasses import asdict
@@ -32,8 +33,9 @@ from dataclasses import asdict
 from plumbing import distributed
 from plumbing.batches import load_batches, prepare_batches, save_batches
 from plumbing.capture import load_records
+from plumbing.flags import check_common
 from loaders.checkpoint import add_model_flags, report_errors
-from plumbing.cache import Stage, code_version
+from plumbing.cache import Stage, code_version, content_hash, model_identity
 from claims.gradients import gradient_diagnostic
 from alignment import Measurer, final_report
 from optimizers import OPTIMIZERS
@@ -41,7 +43,7 @@ from plumbing.report import PeakMemory, write_outputs
 from steer import VectorError, check_block
 from config import PRESETS, Settings, SettingsError, resolve, student_config
 from student import KINDS, LOSSES, POSITIONS, SCHEDULES, Student, train_student
-from teacher import Teacher, keep_rate, number_statistics, write_dataset
+from teacher import Teacher, keep_rate, number_statistics, read_dataset, write_dataset
 from vectors import ANIMALS, check_vector_name, control_vector, default_layer, resolve_vector
 
 def parse_args(argv=None):
@@ -110,9 +112,11 @@ def parse_args(argv=None):
     add_model_flags(p)
     p.add_argument("--out", default=None, help="run folder (default runs/train-...)")
     try:
-        return resolve(Settings(**vars(p.parse_args(argv))))
+        args = resolve(Settings(**vars(p.parse_args(argv))))
     except SettingsError as e:
         p.error(str(e))
+    check_common(p, args)  # the flags every command shares: --device, --seed, --out, ...
+    return args
 
 
 def teachers(args, model, tok):
@@ -132,20 +136,22 @@ def teachers(args, model, tok):
 def teacher_data(args, model, tok, teacher, label):
     """Stage 2: one teacher's dataset, in runs/data/ under a name made of what determines
     it (so a run with another vector never meets this file)."""
-    inputs = {"model": model.name, **teacher.describe(), "mode": args.mode,
+    inputs = {"model": model_identity(model), **teacher.describe(), "mode": args.mode,
               "samples": args.samples, "seed": args.seed, "batch": args.teacher_batch,
-              "code": code_version("teacher")}
+              "code": code_version(write_dataset)}
     with distributed.main_first():  # under torchrun, only rank 0 deletes old files (--fresh)
         stage = Stage("data", label, inputs, args.fresh and distributed.is_main())
     path = stage.path.with_suffix(".jsonl")
-    if stage.reusable(path):
-        stage.say_reused(path)
     # a vector student's inputs and targets are kept as the teacher writes (capture.py)
     record_block = teacher.layer if args.student == "vector" else None
-    rows = write_dataset(path, model, tok, teacher, args.samples, args.mode, args.seed,
-                         args.teacher_batch, desc=f"{label} teacher", record_block=record_block)
-    if distributed.is_main():
-        stage.mark_done()
+    if stage.reusable(path):  # read only: a reused dataset is never written again
+        stage.say_reused(path)
+        rows = read_dataset(path, args.samples, args.teacher_batch)
+    else:  # under torchrun every rank writes its share; rank 0 holds the lock
+        with stage.making() if distributed.is_main() else contextlib.nullcontext():
+            rows = write_dataset(path, model, tok, teacher, args.samples, args.mode,
+                                 args.seed, args.teacher_batch, desc=f"{label} teacher",
+                                 record_block=record_block)
     valid = [r for r in rows if r["valid"]]
     if not valid:
         raise SystemExit(f"error: {path}: no {label} completion passed the rule filter; "
@@ -170,9 +176,12 @@ def student_plan(args):
 def teacher_targets(args, model, tok, teacher, data, label, batch_size, prefix_blocks):
     """The batches of one dataset with the teacher's targets (and the output of the
     prefix_blocks blocks a student never changes), prepared once, cached in runs/batches/."""
-    inputs = {"data": data["path"], "teacher": teacher.describe(), "batch_size": batch_size,
-              "prefix": prefix_blocks, "device": str(model.embed.weight.device),
-              "dtype": str(model.embed.weight.dtype), "code": code_version("batches")}
+    inputs = {"model": model_identity(model), "data": data["path"],
+              "rows": content_hash(data["rows"]), "teacher": teacher.describe(),
+              "batch_size": batch_size, "prefix": prefix_blocks,
+              "device": str(model.embed.weight.device),
+              "dtype": str(model.embed.weight.dtype),
+              "code": code_version(prepare_batches, load_records, teacher)}
     if distributed.world_size() > 1:  # ranks that share a device would share the file
         inputs["rank"] = distributed.rank()
     records = None  # what the teacher's pass kept of a vector student's inputs
@@ -188,10 +197,10 @@ def teacher_targets(args, model, tok, teacher, data, label, batch_size, prefix_b
     if records is not None:
         print(f"teacher targets of '{label}': from what the teacher kept while it wrote "
               f"(plumbing/capture.py), no second pass")
-    batches = prepare_batches(model, tok, data["rows"], teacher, batch_size, prefix_blocks,
-                              records=records)
-    save_batches(path, batches)
-    stage.mark_done()
+    with stage.making():
+        batches = prepare_batches(model, tok, data["rows"], teacher, batch_size,
+                                  prefix_blocks, records=records)
+        save_batches(path, batches)
     return batches
 
 
@@ -204,9 +213,10 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
     mine = distributed.mine(list(plan))
     for label, (dataset, cfg) in plan.items():
         teacher = teachers_by_data[dataset]
-        inputs = {"config": asdict(cfg), "data": data[dataset]["path"],
+        inputs = {"config": asdict(cfg), "model": model_identity(model),
+                  "data": data[dataset]["path"], "rows": content_hash(data[dataset]["rows"]),
                   "teacher": teacher.describe(), "measure": measurer.describe(),
-                  "code": code_version("student")}
+                  "code": code_version(train_student, measurer, teacher)}
         stage = Stage("students", label, inputs, args.fresh and label in mine)
         weights = stage.path.with_suffix(".safetensors")
         if label not in mine:  # another rank trains it (torchrun); rank 0 loads it below
@@ -222,11 +232,11 @@ def train_students(args, model, tok, plan, teachers_by_data, data, measurer):
             key = (dataset, cfg.batch_size, cfg.frozen_blocks)
             if key not in batches:  # teacher targets (and prefixes) once per dataset
                 batches[key] = teacher_targets(args, model, tok, teacher, data[dataset], *key)
-            student, history = train_student(
-                model, batches[key], cfg, measurer.track,
-                report=lambda h, label=label: measurer.print_line(label, h))
-            student.save(weights, history=history, label=label)
-            stage.mark_done()
+            with stage.making():
+                student, history = train_student(
+                    model, batches[key], cfg, measurer.track,
+                    report=lambda h, label=label: measurer.print_line(label, h))
+                student.save(weights, history=history, label=label)
         students[label] = student
         results[label] = {"config": asdict(cfg), "data": dataset, "history": history}
     if distributed.world_size() == 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from plumbing.cache import code_version, input_hash
+from plumbing.cache import code_version, input_hash, model_identity
 from generate import generate, left_pad
 from prompts import (CANDIDATE_ANIMALS, CONCISE_SYSTEM, OPEN_QUESTIONS, VERBOSE_SYSTEM,
                      number_prompts, trait_system_prompt)
@@ -76,10 +76,10 @@ def unprompted_means(model, tok, n_prompts=128, seed=0):
 def cached_unprompted_means(model, tok, n_prompts, seed, cache_dir, fresh):
     """unprompted_means, stored in cache_dir like the vectors (by settings and code), so that
     a second animal's vector costs only its own prompted half."""
-    inputs = {"model": getattr(model, "name", "model"), "n_prompts": n_prompts, "seed": seed,
-              "code": code_version("vector")}
-    path = Path(cache_dir) / f"{inputs['model']}-noprompt-n{n_prompts}-{input_hash(inputs)}" \
-                             ".safetensors"
+    inputs = {"model": model_identity(model), "n_prompts": n_prompts, "seed": seed,
+              "code": code_version(unprompted_means)}
+    path = Path(cache_dir) / (f"{inputs['model']['name']}-noprompt-n{n_prompts}-"
+                              f"{input_hash(inputs)}.safetensors")
     if path.exists() and not fresh:
         try:
             return read_safetensors(path)[0]["means"].to(model.embed.weight.device)
@@ -164,8 +164,13 @@ def fit(model, tok, animal, layer, steps=30, lr=1.0, seed=0, response_tokens=32,
 
 # A vector file is a .safetensors file: one tensor "vector" (d_model,) plus metadata.
 def save_vector(path, vector, **metadata):
-    """Write a vector and its metadata (model, layer, method, norm, seed, prompt, ...)."""
-    metadata = {**metadata, "norm": f"{vector.float().norm().item():.6g}"}
+    """Write a vector and its metadata (model, layer, method, norm, seed, prompt, ...); one
+    that is not finite, or whose norm is not (--norm 1e308 overflows float32), is refused."""
+    norm = vector.float().norm().item()
+    if not (torch.isfinite(vector).all() and math.isfinite(norm)):
+        raise VectorError(f"{path}: the vector is not finite in float32 (norm {norm}): "
+                          f"not saved")
+    metadata = {**metadata, "norm": f"{norm:.6g}"}
     write_safetensors(path, {"vector": vector.detach().float().cpu()}, metadata)
 
 
@@ -181,8 +186,9 @@ def load_vector(path, d_model=None):
     if d_model is not None and vector.numel() != d_model:
         raise VectorError(f"{path}: vector has {vector.numel()} values, the model's residual "
                           f"stream has {d_model}")
-    if not torch.isfinite(vector).all():
-        raise VectorError(f"{path}: vector contains NaN or infinite values")
+    if not (torch.isfinite(vector).all() and math.isfinite(vector.float().norm().item())):
+        raise VectorError(f"{path}: vector contains NaN or infinite values (or its norm "
+                          f"overflows)")
     return vector, metadata
 
 
@@ -210,12 +216,17 @@ def resolve_vector(name, model, tok, layer, method="meandiff", seed=0, norm=None
     model_name = getattr(model, "name", "model")
     tag = {"random": f"random-s{seed}", "concise": "concise"}.get(
         name, f"{name}-meandiff-n{n_prompts}" if method == "meandiff" else f"{name}-fit")
-    inputs = {"model": model_name, "name": name, "method": method, "seed": seed, "norm": norm,
-              "n_prompts": n_prompts, "layer": layer, "code": code_version("vector")}
+    inputs = {"model": model_identity(model), "name": name, "method": method, "seed": seed,
+              "norm": norm, "n_prompts": n_prompts, "layer": layer,
+              "code": code_version(resolve_vector)}
     path = Path(cache_dir) / f"{model_name}-{tag}-L{layer}-{input_hash(inputs)}.safetensors"
-    if path.exists() and not fresh:
-        print(f"reusing vector '{name}' from {path} (same settings and code)")
-        return load_vector(path, d)
+    if path.exists() and not fresh:  # written whole or not at all (renamed when complete)
+        try:
+            found = load_vector(path, d)
+            print(f"reusing vector '{name}' from {path} (same settings and code)")
+            return found
+        except VectorError as e:  # damaged after it was written: make it again
+            print(f"{e}: computing it again")
     meta = {"model": model_name, "layer": layer, "name": name, "seed": seed}
     if name == "random":
         if norm is None:  # match the owl trait vector's norm at this block
@@ -250,15 +261,14 @@ def main(argv=None):
     parser.add_argument("--norm", type=float, default=None, help="norm of a random vector")
     add_model_flags(parser)
     args = parser.parse_args(argv)
-    if args.norm is not None and not (math.isfinite(args.norm) and args.norm > 0):
-        parser.error("--norm must be a positive finite number")
-    if args.layer is not None and args.layer < 0:
-        parser.error("--layer must be at least 0")
+    from plumbing.flags import check_common
+    check_common(parser, args)  # --layer >= 0, --seed, --norm, --device (plumbing/flags.py)
 
     with report_errors(VectorError):
         check_vector_name(args.name)  # fail before loading the model
         model, tok = load(args.checkpoint, device=args.device)
         layer = default_layer(model.cfg.n_layer) if args.layer is None else args.layer
+        check_block(layer, model.cfg.n_layer, "--layer")  # also for a file's vector
         vector, meta = resolve_vector(args.name, model, tok, layer, args.method,
                                       args.seed, args.norm)
     print(", ".join(f"{k}={v}" for k, v in meta.items() if k != "prompt"))

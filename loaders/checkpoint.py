@@ -13,6 +13,7 @@ Metadata is data too: a missing key, a value of the wrong type or size, is an er
 names the file and the key, found before anything of the size the metadata claims is built.
 """
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
@@ -40,8 +41,9 @@ def add_model_flags(parser):
     parser.add_argument("--checkpoint", default=None, help="GGUF file, Hugging Face folder or "
                         "ORG/NAME[@REV] on the Hub (default: the embedded "
                         "SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best "
-                        "there is: CUDA, then MPS, then the CPU)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: "
+                        "the best there is: CUDA, then MPS, then the CPU; checked by "
+                        "plumbing/flags.py)")
 
 
 @contextlib.contextmanager
@@ -82,6 +84,10 @@ def load(path=None, device=None, dtype=None):
     elif path.is_file():
         cfg, weights, tokenizer = read_gguf(path)
     else:
+        repo, at, revision = str(path).partition("@")
+        if at and parse(repo):  # ORG/NAME@REVISION with a revision git would refuse
+            raise CheckpointError(f"{path}: no such file or folder, and {revision!r} is not "
+                                  f"a valid revision (a branch, tag or commit) of {repo}")
         raise CheckpointError(f"{path}: no such file or folder")
     with torch.device("meta"):  # build without allocating; the checkpoint fills it in
         try:
@@ -95,7 +101,8 @@ def load(path=None, device=None, dtype=None):
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(weights[name])
-    model.name = hub_name or path.stem  # names cached vectors and runs
+    model.name = hub_name or path.stem  # names cached vectors and runs (for people to read)
+    model.digest = checkpoint_digest(path)  # identifies them (plumbing/cache.py)
     return model.to(dtype).eval(), tokenizer
 
 
@@ -164,6 +171,8 @@ def read_json(file):
         data = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:  # nested thousands deep: no config is
+        raise CheckpointError(f"{file}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: not a JSON object")
     return data
@@ -316,6 +325,25 @@ def read_hf_folder(folder):
                               f"a string")
     tokenizer = tokenizer_from_json(read_json(tokenizer_file), template, tokenizer_file)
     return cfg, weights, tokenizer
+
+
+def checkpoint_digest(path):
+    """16 hex digits of the sha256 of every file the model was read from (a GGUF file, or a
+    folder's config, tokenizer files, index and weights), in a fixed order: the model's
+    identity in the run cache, whatever its file is called."""
+    if path.is_file():
+        files = [path]
+    else:
+        optional = ["tokenizer_config.json", "chat_template.jinja",
+                    "model.safetensors.index.json"]
+        files = ([path / "config.json", path / "tokenizer.json"]
+                 + [path / name for name in optional if (path / name).exists()]
+                 + safetensors_files(path))
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            h.update(file.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()[:16]
 
 
 def safetensors_files(folder):

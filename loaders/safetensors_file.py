@@ -5,7 +5,9 @@ The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, e
 (offsets relative to the start of the data), plus an optional "__metadata__" dict of strings.
 """
 import json
+import os
 import struct
+from pathlib import Path
 
 import torch
 
@@ -98,8 +100,15 @@ def write_safetensors(path, tensors, metadata=None):
         offset += len(raw)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+    # under a temporary name, renamed when whole: a kill leaves the old file or none
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _numel(shape):

@@ -9,12 +9,13 @@ interval, and main / control paired by seed (each seed: its own datasets, contro
 order), into seeds.json beside the first run. The second draws effect against budget.
 """
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from plumbing.cache import code_record
+from plumbing.cache import code_record, write_atomic
 from plumbing.plots import plot_datasets, plot_run
 
 
@@ -56,11 +57,35 @@ def write_outputs(args, r):
     print_summary(metrics, out)
 
 
+def defined(value, where="", undefined=None):
+    """`value` with every NaN or infinite float replaced by None (JSON has no NaN), and the
+    places where that happened appended to `undefined` ("causal.main.gain_left", ...)."""
+    if isinstance(value, dict):
+        return {k: defined(v, f"{where}.{k}".lstrip("."), undefined) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [defined(v, f"{where}[{i}]", undefined) for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        if undefined is not None:
+            undefined.append(where)
+        return None
+    return value
+
+
 def write_json(path, value):
-    path.write_text(json.dumps(value, indent=2, default=str, allow_nan=False))
+    """Write `value` as JSON; a figure that is undefined (NaN, infinite) is written as null
+    and named under "undefined", so one undefined figure never costs the others."""
+    undefined = []
+    value = defined(value, undefined=undefined)
+    if undefined and isinstance(value, dict):
+        value["undefined"] = undefined
+        print(f"note: {path}: undefined (not finite, written as null): "
+              f"{', '.join(undefined[:5])}{' ...' if len(undefined) > 5 else ''}")
+    write_atomic(path, json.dumps(value, indent=2, default=str, allow_nan=False))
 
 
 def print_summary(metrics, out):
+    for label, why in metrics.get("degenerate_students", {}).items():
+        print(f"warning: student '{label}' {why}")
     print(f"\nteacher lists kept by the rule filter: steered {metrics['keep_rate']['steered']:.0%}"
           f", control {metrics['keep_rate']['control']:.0%}")
     spec, rates, causal = metrics["specificity"], metrics["sampled_trait_rate"], metrics["causal"]

@@ -317,6 +317,36 @@ def test_replace_base_keeps_only_what_the_student_carries_off_v(tiny_folder):
                                own - (own @ u)[..., None] * u)  # the rest is the student's
 
 
+def test_replace_base_continues_a_kv_cache(tiny_folder):
+    """P(animal) of a word of several tokens reads the prompt into a KV cache and continues
+    it (evaluate.forms_probability); with replace_base on a LoRA student it equals the same
+    probability from full passes over each prompt + form (no cache)."""
+    from alignment import base_component_along
+    from evaluate import forms_probability
+    from generate import left_pad
+    base, _ = load(tiny_folder, device="cpu")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(32, generator=g)
+    lora = Student(base, "lora", rank=2)
+    for name, p in lora.learned().items():
+        if name.endswith(".B"):
+            p.data.normal_(0, 0.5, generator=g)
+    prompts = [[5, 9, 20, 31], [7, 40, 41]]
+    forms = [(50,), (60, 61), (70, 71, 72)]
+    with torch.no_grad(), base_component_along(lora, base, 0, v):
+        cached = forms_probability(lora.model, prompts, forms)[0]          # (Q,)
+        expected = torch.zeros(len(prompts))
+        for q, prompt in enumerate(prompts):
+            for form in forms:
+                ids, mask = left_pad([prompt + list(form[:-1])], device="cpu")
+                logp = lora.model(ids, attention_mask=mask)[0][0].float().log_softmax(-1)
+                start = len(prompt) - 1  # the position that predicts the form's first token
+                expected[q] += sum(logp[start + i, t] for i, t in enumerate(form)).exp()
+    torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_seeds_are_summarised_as_x_base_and_paired_main_over_control(tmp_path):
     from plumbing.report import summarize_seeds
     folders = []
@@ -344,26 +374,37 @@ def test_seeds_are_summarised_as_x_base_and_paired_main_over_control(tmp_path):
 
 
 def test_a_stages_code_hash_covers_every_module_it_imports(tmp_path, monkeypatch):
-    """cache.py derives each stage's files from the import statements (also those inside
-    functions), and an edit to any one of them changes the stage's code hash."""
+    """cache.py derives a stage's files from the import statements of the function that
+    makes it (also those inside functions) and from the project files on the call stack;
+    an edit to any one of them, or another torch, changes the stage's code hash."""
     import shutil
     from plumbing import cache
     for path in ROOT.rglob("*.py"):
         if not {".venv", ".git", "runs", "tests"} & set(path.relative_to(ROOT).parts):
             (tmp_path / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, tmp_path / path.relative_to(ROOT))
+    caller = tmp_path / "caller.py"  # a program that asks for a stage, as train.py does
+    caller.write_text("from teacher import write_dataset\n")
     monkeypatch.setattr(cache, "ROOT", tmp_path)
-    names = {stage: {str(p.relative_to(tmp_path)) for p in cache.stage_files(entries)}
-             for stage, entries in cache.ENTRY.items()}
-    assert {"plumbing/distributed.py", "loaders/gguf_file.py", "steer.py"} <= names["teacher"]
-    assert {"alignment.py", "evaluate.py", "optimizers.py"} <= names["student"]
-    assert "train.py" not in names["student"] and "README.md" not in names["student"]
-    for stage, entries in cache.ENTRY.items():
-        files = cache.stage_files(entries)
-        before = cache._hash_sources(files)
-        for path in files:
-            original = path.read_bytes()
-            path.write_bytes(original + b"\n# an edit\n")
-            assert cache._hash_sources(cache.stage_files(entries)) != before, (stage, path)
-            path.write_bytes(original)
-        assert cache._hash_sources(cache.stage_files(entries)) == before
+    monkeypatch.setattr(cache, "SOURCES", {})  # read the copies as they are now
+
+    def version():  # code_version(write_dataset), asked for from a function in caller.py
+        space = {"cache": cache, "maker": write_dataset}
+        exec(compile("def ask():\n    return cache.code_version(maker), "
+                     "cache.stage_code(maker)\n", str(caller), "exec"), space)
+        return space["ask"]()
+
+    from teacher import write_dataset
+    before, files = version()
+    names = {str(p.relative_to(tmp_path)) for p in files}
+    assert {"plumbing/distributed.py", "loaders/gguf_file.py", "steer.py", "teacher.py",
+            "caller.py"} <= names
+    assert "optimizers.py" not in names and "train.py" not in names  # not the teacher's code
+    for path in files:
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# an edit\n")
+        assert version()[0] != before, path
+        path.write_bytes(original)
+    assert version()[0] == before
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert version()[0] != before
