@@ -87,7 +87,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="experiments:\n" + names)
     p.add_argument("name", choices=list(CLAIMS), metavar="NAME", help="the experiment (below)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds where a difference is claimed")
+    p.add_argument("--seeds", type=int, help="seeds where a difference is claimed (default 3; "
+                   "steerability on the cpu preset: 1 per animal)")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
                    help="train.py's preset the students start from")
     p.add_argument("--samples", type=int, help="teacher prompts per dataset")
@@ -142,21 +143,22 @@ def write_result(args, result, started):
     return result
 
 
-# the CPU preset's defaults where train.py's would take an experiment past 30 minutes on
-# 2 cores (measured: README, "The paper's claims"). Each dataset is 128 lists instead of 256
-# (about 100 s less per teacher to write and prepare), and the students are measured every
-# 32 steps instead of 16 (6 s a measurement); optimizers trains 22 students of 48 steps,
-# steerability 8 animals' vectors, datasets and students. necessity trains 12 students
-# (4 teachers x 3 seeds) where the others train 9 or fewer; each costs about 3 min at 128
-# lists and 128 steps (36 min in all), so its datasets are 96 lists and its students take
-# 96 steps. With --samples 128 --steps 128 it reuses prompt-teacher's prompt and control
-# students instead. prompt-teacher trains three of its five teachers' students (the prompt's,
-# the steered teacher's, the random control's). Flags override all of these.
+# the CPU preset's defaults where train.py's would take an experiment past 30 minutes on 2 cores
+# (measured: README, "The paper's claims"). Each dataset is 128 lists instead of 256 (about 100
+# s less per teacher to write and prepare), and the students are measured every 32 steps instead
+# of 16 (6 s a measurement); optimizers trains 22 students of 48 steps, steerability 8 animals'
+# vectors, datasets and students, one seed each. necessity trains 12 students (4 teachers x 3
+# seeds) where the others train 9 or fewer; each costs about 3 min at 128 lists and 128 steps
+# (36 min in all), so its datasets are 96 lists and its students take 96 steps. With --samples
+# 128 --steps 128 it reuses prompt-teacher's prompt and control students instead. prompt-teacher
+# trains three of its five teachers' students (the prompt's, the steered teacher's, the random
+# control's). Flags override all of these.
 TRANSFER = {"samples": 128, "eval_every": 32}
 CPU_DEFAULTS = {"prompt-teacher": TRANSFER | {"teachers": CPU_TEACHERS}, "random": TRANSFER,
                 "layers": TRANSFER | {"teachers": CPU_TEACHERS},
                 "necessity": TRANSFER | {"samples": 96, "steps": 96},
-                "optimizers": {"steps": 48, "samples": 128}, "steerability": TRANSFER}
+                "optimizers": {"steps": 48, "samples": 128},
+                "steerability": TRANSFER | {"seeds": 1}}
 
 
 def cpu_defaults(args):
@@ -165,6 +167,8 @@ def cpu_defaults(args):
             setattr(args, key, value)
     if getattr(args, "teachers", None) is None:
         args.teachers = TEACHERS
+    if getattr(args, "seeds", None) is None:
+        args.seeds = 3
 
 
 NEEDS = {"layers": ["prompt-teacher", "optimizers"]}  # experiments whose results it reads

@@ -45,6 +45,59 @@ def timed(fn, device, repeats=1):
     return min(times)
 
 
+def load_reference(path, dtype, device):
+    """transformers' model of the same checkpoint (a GGUF file or a Hugging Face folder)."""
+    from transformers import AutoModelForCausalLM
+    if path.is_dir():  # a Hugging Face folder
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return ref.to(device).eval()
+
+
+def sampling_figures(ours, tok, ref, batch, new_tokens, repeats=2, compiled=False,
+                     compile=True):
+    """tokens/s of our generate(), transformers' generate and (compiled) our fixed-shape
+    path, on the same left-padded batch of chat prompts; and the largest logit difference.
+    compile=False runs the fixed-shape path uncompiled (bench/gpu.py --dry-run on the CPU)."""
+    device = ours.embed.weight.device
+    prompts = [tok.encode_chat(QUESTIONS[i % len(QUESTIONS)]) for i in range(batch)]
+    ids, mask = left_pad(prompts, device=device)
+
+    def run_ours(static=False):
+        generate(ours, prompts, max_new_tokens=new_tokens, temperature=1.0, seed=0,
+                 static=static, compile=static and compile)
+
+    def run_ref():
+        with torch.inference_mode():
+            ref.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                         top_p=1.0, top_k=0, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, pad_token_id=0)
+
+    with torch.inference_mode():  # same numbers first: logits of the padded batch
+        real = mask.bool()
+        diff = (ours(ids, attention_mask=mask)[0] - ref(input_ids=ids, attention_mask=mask)
+                .logits)[real].abs().max().item()
+    run_ours(), run_ref()  # warm-up
+    n_tokens = batch * new_tokens
+    t_ours, t_ref = timed(run_ours, device, repeats), timed(run_ref, device, repeats)
+    figures = {"device": str(device), "dtype": str(ours.embed.weight.dtype).replace("torch.", ""),
+               "batch": batch, "new_tokens": new_tokens,
+               "ours_tokens_per_s": round(n_tokens / t_ours, 1),
+               "transformers_tokens_per_s": round(n_tokens / t_ref, 1),
+               "speedup": round(t_ref / t_ours, 2), "max_abs_logit_diff": diff,
+               "torch_threads": torch.get_num_threads()}
+    if compiled:
+        started = time.perf_counter()
+        run_ours(True)  # compiles (and records the CUDA graph)
+        warm_up = time.perf_counter() - started
+        t_compiled = timed(lambda: run_ours(True), device, repeats)
+        figures |= {"compiled_tokens_per_s": round(n_tokens / t_compiled, 1),
+                    "compiled_speedup": round(t_ref / t_compiled, 2),
+                    "compile_warm_up_s": round(warm_up, 1), "compiled": compile}
+    return figures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_flags(parser)
@@ -58,56 +111,17 @@ def main():
     device = torch.device(args.device) if args.device else auto_device()
     dtype = auto_dtype(device)
     path = Path(args.checkpoint) if args.checkpoint else embedded_path()
-
-    from transformers import AutoModelForCausalLM
     ours, tok = load(path, device=device, dtype=dtype)
-    if path.is_dir():  # a Hugging Face folder
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    ref = ref.to(device).eval()
-    prompts = [tok.encode_chat(QUESTIONS[i % len(QUESTIONS)]) for i in range(args.batch)]
-    ids, mask = left_pad(prompts, device=device)
-
-    def run_ours(compiled=False):
-        generate(ours, prompts, max_new_tokens=args.new_tokens, temperature=1.0, seed=0,
-                 static=compiled, compile=compiled)
-
-    def run_ref():
-        with torch.inference_mode():
-            ref.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                         top_p=1.0, top_k=0, max_new_tokens=args.new_tokens,
-                         min_new_tokens=args.new_tokens, pad_token_id=0)
-
-    with torch.inference_mode():  # same numbers first: logits of the padded batch
-        real = mask.bool()
-        diff = (ours(ids, attention_mask=mask)[0] - ref(input_ids=ids, attention_mask=mask)
-                .logits)[real].abs().max().item()
-    run_ours(), run_ref()  # warm-up
-    n_tokens = args.batch * args.new_tokens
-    t_ours, t_ref = timed(run_ours, device, args.repeats), timed(run_ref, device, args.repeats)
-    t_compiled = None
-    if args.compile:
-        started = time.perf_counter()
-        run_ours(True)  # compiles (and records the CUDA graph)
-        warm_up = time.perf_counter() - started
-        t_compiled = timed(lambda: run_ours(True), device, args.repeats)
-    figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
-               "batch": args.batch, "new_tokens": args.new_tokens,
-               "ours_tokens_per_s": round(n_tokens / t_ours, 1),
-               "transformers_tokens_per_s": round(n_tokens / t_ref, 1),
-               "speedup": round(t_ref / t_ours, 2), "max_abs_logit_diff": diff,
-               "torch_threads": torch.get_num_threads()}
-    if t_compiled is not None:
-        figures |= {"compiled_tokens_per_s": round(n_tokens / t_compiled, 1),
-                    "compiled_speedup": round(t_ref / t_compiled, 2),
-                    "compile_warm_up_s": round(warm_up, 1)}
+    ref = load_reference(path, dtype, device)
+    figures = sampling_figures(ours, tok, ref, args.batch, args.new_tokens, args.repeats,
+                               args.compile)
+    diff = figures["max_abs_logit_diff"]
     print(f"{'':>14} {'tokens/s':>10}   ({figures['batch']} rows x {args.new_tokens} "
           f"new tokens, {device}, {figures['dtype']})")
     print(f"{'this project':>14} {figures['ours_tokens_per_s']:>10}")
     print(f"{'transformers':>14} {figures['transformers_tokens_per_s']:>10}")
     print(f"{'ratio':>14} {figures['speedup']:>10}x")
-    if t_compiled is not None:
+    if args.compile:
         print(f"{'compiled':>14} {figures['compiled_tokens_per_s']:>10}   "
               f"({figures['compiled_speedup']}x transformers; the first run, compiling: "
               f"{figures['compile_warm_up_s']} s)")

@@ -2,12 +2,15 @@
 
     python bench/bench_train.py                # embedded model, LoRA r=8 on 7 linears, batch 16
     python bench/bench_train.py --device cuda --batch 32
+    python bench/bench_train.py --peft         # + transformers with PEFT's LoRA (if installed)
 
 Training: one LoRA step (forward, cross-entropy on the completion, backward, Adam) on the
 same left-padded batch of number-sequence prompts and completions, by this project's
 student and by transformers' model of the same checkpoint with the same hand-made LoRA
-modules on the same seven linears of every block. Teacher: steered, constrained sampling
-of number lists by generate(). Needs the test-only packages (requirements-dev.txt).
+modules on the same seven linears of every block (--peft: also PEFT's LoRA, r 8 / alpha 32,
+on the same linears). A vector-student step: the demo's (one vector after the teacher's block,
+blocks after it only, KL over the number tokens). Teacher: steered, constrained sampling of
+number lists by generate(). Needs the test-only packages (requirements-dev.txt).
 """
 import argparse
 import json
@@ -18,23 +21,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from bench_generate import timed
+from bench_generate import load_reference, timed
 from loaders.checkpoint import add_model_flags, embedded_path, load
 from generate import generate
 from model import auto_device, auto_dtype
 from optimizers import Adam
 from prompts import number_prompts
 from steer import steering
-from plumbing.batches import encode_rows, make_batch, number_tokens
-from student import LORA_TARGETS, LoRALinear, Student
-from vectors import random_vector
+from plumbing.batches import Batch, digit_tokens, encode_rows, make_batch, number_tokens
+from student import LORA_TARGETS, LoRALinear, Student, distillation_loss, student_logits
+from vectors import default_layer, random_vector
 
 
 def hf_with_lora(path, dtype, device, rank=8, scale=4.0):
     """transformers' model of the same file, frozen, with LoRALinear on the same linears."""
-    from transformers import AutoModelForCausalLM
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    ref = ref.to(device)
+    ref = load_reference(path, dtype, device)
     for p in ref.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
@@ -46,73 +47,142 @@ def hf_with_lora(path, dtype, device, rank=8, scale=4.0):
     return ref
 
 
+def hf_with_peft(path, dtype, device, rank=8, scale=4.0):
+    """transformers' model of the same file with PEFT's LoRA on the same seven linears
+    (alpha = rank * scale, no dropout); raises ImportError where peft is not installed."""
+    from peft import LoraConfig, get_peft_model
+    targets = [t.split(".")[1] for t in LORA_TARGETS]
+    config = LoraConfig(r=rank, lora_alpha=rank * scale, lora_dropout=0.0,
+                        target_modules=targets)
+    return get_peft_model(load_reference(path, dtype, device), config)
+
+
+def number_batch(tok, batch, device):
+    """A left-padded batch of `batch` number prompts with fixed ten-number completions:
+    (ids, mask, targets, prompt_mask)."""
+    rows = [{"prompt": p, "completion": ", ".join(str(100 + 37 * i % 900) for i in range(10))}
+            for p in number_prompts(batch, seed=0)]
+    return make_batch(encode_rows(tok, rows), device)
+
+
+def lora_step_figures(model, tok, path, batch, repeats=3, peft=False):
+    """tokens/s of one LoRA step (forward, cross-entropy, backward, Adam): ours, transformers
+    with the same hand-made LoRA modules and (peft) with PEFT's; and each one's loss.
+    model: our base model, frozen."""
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    ids, mask, targets, _ = number_batch(tok, batch, device)
+    n_tokens = int(mask.sum())
+    labels = targets.roll(1, dims=1)  # transformers shifts labels itself
+    student = Student(model, "lora")
+    figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
+               "batch": batch, "tokens_per_step": n_tokens}
+
+    def measure(name, forward, params):
+        opt = Adam(params, lr=1e-4)
+
+        def step():
+            loss = forward()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():  # the same loss first: all compute the same thing
+            figures[f"loss_{name}"] = forward().item()
+        step()  # warm-up
+        figures[f"train_tokens_per_s_{name}"] = round(n_tokens / timed(step, device, repeats), 1)
+
+    measure("ours", lambda: student.model(ids, targets=targets, attention_mask=mask)[1],
+            student.parameters())
+    ref = hf_with_lora(path, dtype, device)
+    measure("transformers", lambda: ref(input_ids=ids, attention_mask=mask, labels=labels).loss,
+            [p for p in ref.parameters() if p.requires_grad])
+    del ref
+    figures["train_speedup"] = round(figures["train_tokens_per_s_ours"]
+                                     / figures["train_tokens_per_s_transformers"], 2)
+    if peft:
+        ref = hf_with_peft(path, dtype, device)
+        measure("peft", lambda: ref(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                [p for p in ref.parameters() if p.requires_grad])
+        figures["train_speedup_vs_peft"] = round(figures["train_tokens_per_s_ours"]
+                                                 / figures["train_tokens_per_s_peft"], 2)
+    return figures
+
+
+def vector_step_seconds(model, tok, batch, repeats=3, kind="vector"):
+    """Seconds of one step of the demo's vector student (kind "vector": blocks after the
+    teacher's block only, KL over the number tokens, Adam), or of LoRA on the blocks from the
+    teacher's on (kind "late_lora": --lora-from layer, cross-entropy), on the cached output
+    of the blocks it never changes (plumbing/batches.py), as train_student runs it."""
+    device = model.embed.weight.device
+    layer = default_layer(model.cfg.n_layer)
+    ids, mask, targets, prompt_mask = number_batch(tok, batch, device)
+    if kind == "vector":
+        student, loss = Student(model, "vector", layer=layer), "kl_numbers"
+    else:
+        student, loss = Student(model, "lora", first_block=layer), "ce"
+    b = Batch(ids, mask, targets, prompt_mask, number_tokens(tok), digit_tokens(tok))
+    with torch.no_grad():  # what batches.py computes once: the prefix and the targets
+        b.prefix = model.run_blocks(model.embed(ids), mask, last=student.frozen_blocks)
+        b.prefix_blocks = student.frozen_blocks
+        b.teacher_final = model.norm(model.run_blocks(model.embed(ids), mask))[targets != -100]
+    opt = Adam(student.parameters(), lr=1e-3)
+
+    def step():
+        logits = student_logits(student, model, b, loss)
+        teacher = b.teacher_logits(model, True) if loss == "kl_numbers" else None
+        value = distillation_loss(logits, teacher, targets[targets != -100], loss)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    step()  # warm-up
+    return timed(step, device, repeats)
+
+
+def teacher_seconds(model, tok, rows, new_tokens=48, repeats=2):
+    """Seconds to sample `rows` constrained number lists of new_tokens tokens, steered."""
+    v = random_vector(model.cfg.d_model, 50.0).to(model.embed.weight.device)
+    prompts = [tok.encode_chat(p) for p in number_prompts(rows, seed=1)]
+
+    def teacher():
+        with steering(model, default_layer(model.cfg.n_layer), v, 2.0):
+            generate(model, prompts, new_tokens, temperature=1.0,
+                     allowed_tokens=number_tokens(tok), seed=0)
+    teacher()
+    return timed(teacher, model.embed.weight.device, repeats)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16, help="sequences per training step")
     parser.add_argument("--teacher-batch", type=int, default=32, help="rows sampled together")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
+    parser.add_argument("--peft", action="store_true", help="also transformers + PEFT's LoRA")
     add_model_flags(parser)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else auto_device()
-    dtype = auto_dtype(device)
-    path = embedded_path()
-    model, tok = load(path, device=device, dtype=dtype)
+    path = Path(args.checkpoint) if args.checkpoint else embedded_path()
+    model, tok = load(path, device=device, dtype=auto_dtype(device))
     for p in model.parameters():
         p.requires_grad_(False)
-
-    rows = [{"prompt": p, "completion": ", ".join(str(100 + 37 * i % 900) for i in range(10))}
-            for p in number_prompts(args.batch, seed=0)]
-    ids, mask, targets, _ = make_batch(encode_rows(tok, rows), device)
-    n_tokens = int(mask.sum())
-    student = Student(model, "lora")
-    ours_opt = Adam(student.parameters(), lr=1e-4)
-    ref = hf_with_lora(path, dtype, device)
-    ref_opt = Adam([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
-    labels = targets.roll(1, dims=1)  # transformers shifts labels itself
-
-    def ours_step():
-        _, loss = student.model(ids, targets=targets, attention_mask=mask)
-        ours_opt.zero_grad()
-        loss.backward()
-        ours_opt.step()
-
-    def ref_step():
-        loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
-        ref_opt.zero_grad()
-        loss.backward()
-        ref_opt.step()
-
-    with torch.no_grad():  # the same loss first: both compute the same thing
-        ours_loss = student.model(ids, targets=targets, attention_mask=mask)[1].item()
-        ref_loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
-    ours_step(), ref_step()  # warm-up
-    t_ours, t_ref = timed(ours_step, device, args.repeats), timed(ref_step, device, args.repeats)
-
-    v = random_vector(model.cfg.d_model, 50.0).to(device)
-    prompts = [tok.encode_chat(p) for p in number_prompts(args.teacher_batch, seed=1)]
-    new_tokens = 48
-
-    def teacher():
-        with steering(model, 25 % model.cfg.n_layer, v, 2.0):
-            generate(model, prompts, new_tokens, temperature=1.0,
-                     allowed_tokens=number_tokens(tok), seed=0)
-
-    teacher()
-    t_teacher = timed(teacher, device, max(1, args.repeats - 1))
-    figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
-               "batch": args.batch, "tokens_per_step": n_tokens,
-               "loss_ours": ours_loss, "loss_transformers": ref_loss,
-               "train_tokens_per_s_ours": round(n_tokens / t_ours, 1),
-               "train_tokens_per_s_transformers": round(n_tokens / t_ref, 1),
-               "train_speedup": round(t_ref / t_ours, 2),
-               "teacher_tokens_per_s": round(args.teacher_batch * new_tokens / t_teacher, 1),
-               "torch_threads": torch.get_num_threads()}
+    figures = lora_step_figures(model, tok, path, args.batch, args.repeats, args.peft)
+    n_tokens, new_tokens = figures["tokens_per_step"], 48
+    t_vector = vector_step_seconds(model, tok, args.batch, args.repeats)
+    t_teacher = teacher_seconds(model, tok, args.teacher_batch, new_tokens,
+                                max(1, args.repeats - 1))
+    figures |= {"vector_steps_per_s": round(1 / t_vector, 1),
+                "teacher_tokens_per_s": round(args.teacher_batch * new_tokens / t_teacher, 1),
+                "torch_threads": torch.get_num_threads()}
     print(f"LoRA training step, {args.batch} sequences ({n_tokens} tokens), {device}, "
-          f"{figures['dtype']}: loss {ours_loss:.4f} (ours) vs {ref_loss:.4f} (transformers)")
+          f"{figures['dtype']}: loss {figures['loss_ours']:.4f} (ours) vs "
+          f"{figures['loss_transformers']:.4f} (transformers)")
     print(f"{'this project':>14} {figures['train_tokens_per_s_ours']:>10} tokens/s")
     print(f"{'transformers':>14} {figures['train_tokens_per_s_transformers']:>10} tokens/s")
     print(f"{'ratio':>14} {figures['train_speedup']:>10}x")
+    if args.peft:
+        print(f"{'+ PEFT':>14} {figures['train_tokens_per_s_peft']:>10} tokens/s "
+              f"(loss {figures['loss_peft']:.4f}; ours {figures['train_speedup_vs_peft']}x)")
+    print(f"vector student step, {args.batch} sequences: {figures['vector_steps_per_s']} "
+          f"steps/s")
     print(f"steered teacher, constrained sampling, {args.teacher_batch} rows x {new_tokens} "
           f"tokens: {figures['teacher_tokens_per_s']} tokens/s")
     if args.json:

@@ -40,10 +40,40 @@ def completion_gradients(model, tok, rows, layer):
     return torch.stack(out)                                               # (n_rows, d)
 
 
-def gradient_diagnostic(model, tok, steered_rows, control_rows, layer, vector, counts):
-    """{n: cos(mean gradient over n steered rows - mean over n control rows, v)}."""
+def pooled_cosine(g_steered, g_control, v):
+    """cos(mean of the steered rows' gradients - mean of the control rows', v)."""
+    return F.cosine_similarity(g_steered.mean(0) - g_control.mean(0), v, dim=0).item()
+
+
+def gradient_diagnostic(model, tok, steered_rows, control_rows, layer, vector, counts,
+                        gradients=None):
+    """{n: pooled_cosine over the first n rows of each}; `gradients`, if given, is a dict
+    that receives the rows' gradients (steered, control: (max(counts), d) each)."""
     g_steered = completion_gradients(model, tok, steered_rows[:max(counts)], layer)
     g_control = completion_gradients(model, tok, control_rows[:max(counts)], layer)
+    if gradients is not None:
+        gradients.update(steered=g_steered, control=g_control)
     v = vector.float().to(g_steered.device)
-    return {n: F.cosine_similarity(g_steered[:n].mean(0) - g_control[:n].mean(0), v,
-                                   dim=0).item() for n in counts}
+    return {n: pooled_cosine(g_steered[:n], g_control[:n], v) for n in counts}
+
+
+def permutation_null(g_steered, g_control, v, permutations=1000, seed=0):
+    """The pooled cosine against its label-permutation null: the same rows, shuffled
+    between "steered" and "control" (so any difference is chance, whatever the rows share).
+    The random-direction band (about +-2/sqrt(d)) is this null only for gradients whose noise
+    is the same in every direction; real gradients are far from that, and the permutation
+    keeps their own spread. A consistent component along v shows as an observed cosine that
+    leaves the null's band as rows are added (the noise of a mean shrinks, the component
+    stays). Returns the observed cosine, the null's 2.5% and 97.5% quantiles, and the
+    two-sided p = (1 + #{|null| >= |observed|}) / (1 + permutations)."""
+    observed = pooled_cosine(g_steered, g_control, v)
+    pooled = torch.cat([g_steered, g_control])                             # (n_s + n_c, d)
+    n = len(g_steered)
+    generator = torch.Generator().manual_seed(seed)
+    null = torch.tensor([pooled_cosine(pooled[order[:n]], pooled[order[n:]], v)
+                         for order in (torch.randperm(len(pooled), generator=generator)
+                                       for _ in range(permutations))])     # (permutations,)
+    extreme = (null.abs() >= abs(observed) - 1e-12).sum().item()
+    return {"observed": observed, "rows": [n, len(g_control)], "permutations": permutations,
+            "band_95": [null.quantile(0.025).item(), null.quantile(0.975).item()],
+            "p": (1 + extreme) / (1 + permutations)}

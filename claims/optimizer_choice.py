@@ -27,9 +27,9 @@ import train  # noqa: E402
 from config import LEARNING_RATES  # noqa: E402
 from plumbing.batches import encode_rows, make_batch  # noqa: E402
 from alignment import mean_residuals  # noqa: E402
-from claims.gradients import gradient_diagnostic  # noqa: E402
+from claims.gradients import gradient_diagnostic, permutation_null  # noqa: E402
 from claims.lab import interval, summarize  # noqa: E402
-from student import distillation_loss, student_logits  # noqa: E402
+from student import Student, distillation_loss, student_logits  # noqa: E402
 
 OPTS = ["adam", "adamw", "rmsprop", "signsgd", "sgd", "sgdm"]
 LR_FACTORS = (0.25, 1.0, 4.0)
@@ -148,15 +148,17 @@ def plot_optimizers(runs, chosen, base, path):
     plt.close(fig)
 
 
-def weight_gradient(lab, rows, params, batch_size=16):
+def weight_gradient(lab, rows, params, batch_size=16, model=None):
     """The mean gradient of the completion loss (cross-entropy on the teacher's sampled
-    tokens) over `rows`, with respect to `params`, flattened: (n_params,)."""
+    tokens) over `rows`, with respect to `params` of `model` (default: the base model),
+    flattened: (n_params,)."""
+    model = model or lab.model
     device = lab.model.embed.weight.device
     examples = encode_rows(lab.tok, rows)
     total = None
     for start in range(0, len(examples), batch_size):
         ids, mask, targets, _ = make_batch(examples[start:start + batch_size], device)
-        _, loss = lab.model(ids, targets=targets, attention_mask=mask)
+        _, loss = model(ids, targets=targets, attention_mask=mask)
         grads = torch.autograd.grad(loss, params)
         flat = torch.cat([g.float().flatten() for g in grads]) * len(ids)
         total = flat if total is None else total + flat
@@ -203,16 +205,30 @@ def mechanism(lab, args):
     top = {k: top_share(grad, 0.01) for k, grad in g.items()}
     counts = sorted({c for c in (1, 4, 16, 64, 256, 1024) if c < len(rows["steered"])}
                     | {min(1024, len(rows["steered"]), len(rows["control"]))})
+    gradients = {}
     diagnostic = gradient_diagnostic(lab.model, lab.tok, rows["steered"], rows["control"],
-                                     lab.layer, lab.vector, counts)
+                                     lab.layer, lab.vector, counts, gradients)
     band = random_band(lab.model.cfg.d_model, lab.vector)
-    plot_mechanism(steps, diagnostic, band, args.out / "figure.png")
+    null = permutation_null(gradients["steered"], gradients["control"],
+                            lab.vector.float().to(gradients["steered"].device))
+    plot_mechanism(steps, diagnostic, band, args.out / "figure.png", null)
     return {"n_parameters": n, "rows": {k: len(r) for k, r in rows.items()},
             "step_shift_cosine": {k: {kind: {"cos_with_v": c, "shift_norm": norm}
                                       for kind, (c, norm) in v.items()}
                                   for k, v in steps.items()},
-            "top_1pct_share_of_g2": top, "activation_gradient_cosine": diagnostic,
-            "random_direction_band_95": band}
+            "top_1pct_share_of_g2": top,
+            "top_1pct_share_of_g2_lora": lora_top_share(lab, s, rows),
+            "activation_gradient_cosine": diagnostic, "random_direction_band_95": band,
+            "permutation_null": null}
+
+
+def lora_top_share(lab, s, rows):
+    """The paper's outlier measure on a LoRA student's own parameters (every block, at its
+    initialisation: B = 0, so only the B matrices have a gradient), steered vs control."""
+    student = Student(lab.model, "lora", rank=s.rank, scale=s.lora_scale, seed=s.seed)
+    params = list(student.learned().values())
+    return {k: top_share(weight_gradient(lab, r, params, model=student.model), 0.01)
+            for k, r in rows.items()}
 
 
 def equal_steps(grad, size):
@@ -239,7 +255,7 @@ def random_band(d, vector, n=2000, seed=0):
     return [cos.quantile(0.025).item(), cos.quantile(0.975).item()]
 
 
-def plot_mechanism(steps, diagnostic, band, path):
+def plot_mechanism(steps, diagnostic, band, path, null=None):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     labels = list(steps)
     x = range(len(labels))
@@ -252,6 +268,12 @@ def plot_mechanism(steps, diagnostic, band, path):
     counts = sorted(diagnostic)
     axes[1].plot(counts, [diagnostic[c] for c in counts], "o-", label="pooled gradient diff.")
     axes[1].axhspan(*band, color="gray", alpha=0.3, label="random directions (95%)")
+    if null is not None:  # at the most rows pooled
+        axes[1].errorbar([null["rows"][0]], [sum(null["band_95"]) / 2],
+                         yerr=[[sum(null["band_95"]) / 2 - null["band_95"][0]],
+                               [null["band_95"][1] - sum(null["band_95"]) / 2]],
+                         fmt="none", ecolor="C3", capsize=4,
+                         label=f"label-permutation null (95%), p = {null['p']:.2g}")
     axes[1].set(xscale="log", xlabel="rows pooled", ylabel="cos with v",
                 title="activation gradient: steered - control rows")
     axes[1].legend(fontsize=8)

@@ -111,6 +111,12 @@ def prompt_teacher(lab, args):
 def necessity(lab, args):
     result = transfer_experiment(lab, args, ["prompt", "ablate-L", "ablate-all", "control"],
                                  "necessity: the prompted teacher with v/|v| projected out")
+    # what the projection removes, seed by seed: the prompt student minus each other student
+    # of the same seed (paired: the same prompts and batch order), as t intervals
+    result["prompt_minus"] = {
+        kind: {key: interval([s["prompt"][key] - s[kind][key] for s in result["per_seed"]])
+               for key in ("eas", "p_animal")}
+        for kind in ("ablate-L", "ablate-all", "control")}
     # inference time: how much of the prompt's own effect survives the projection (the
     # teachers' own P(owl), measured as they write: the same for every seed)
     p = result["teachers_p_animal"][0]
