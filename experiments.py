@@ -111,6 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--teachers", type=teacher_list, metavar="A,B,...",
                    help=f"prompt-teacher: which teachers ({', '.join(TEACHERS)}; default all "
                         f"five, on the cpu preset {','.join(CPU_TEACHERS)})")
+    p.add_argument("--match-factor", type=int, help="optimizers: the others may take this "
+                   "many times Adam's steps to reach its loss (default 4; cpu preset 1)")
     p.add_argument("--animals", type=int, default=8, help="steerability: how many animals")
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                    help="optimizers: also full fine-tuning with Adam and SGD (default: on "
@@ -119,7 +121,7 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="recompute every stage")
     p.add_argument("--out", help="folder (default runs/experiments/NAME)")
     args = p.parse_args(argv)
-    for key in ("seeds", "samples", "steps", "batch_size", "eval_every", "animals",
+    for key in ("seeds", "samples", "steps", "batch_size", "eval_every", "animals", "match_factor",
                 "trait_questions", "eas_prompts"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
@@ -157,7 +159,7 @@ TRANSFER = {"samples": 128, "eval_every": 32}
 CPU_DEFAULTS = {"prompt-teacher": TRANSFER | {"teachers": CPU_TEACHERS}, "random": TRANSFER,
                 "layers": TRANSFER | {"teachers": CPU_TEACHERS},
                 "necessity": TRANSFER | {"samples": 96, "steps": 96},
-                "optimizers": {"steps": 48, "samples": 128},
+                "optimizers": {"steps": 48, "samples": 128, "match_factor": 1},
                 "steerability": TRANSFER | {"seeds": 1}}
 
 
@@ -169,6 +171,8 @@ def cpu_defaults(args):
         args.teachers = TEACHERS
     if getattr(args, "seeds", None) is None:
         args.seeds = 3
+    if getattr(args, "match_factor", None) is None:
+        args.match_factor = 4
 
 
 NEEDS = {"layers": ["prompt-teacher", "optimizers"]}  # experiments whose results it reads
@@ -177,10 +181,11 @@ NEEDS = {"layers": ["prompt-teacher", "optimizers"]}  # experiments whose result
 def main(argv=None):
     from loaders.checkpoint import report_errors
     args = parse_args(argv)
-    from claims import optimizer_choice, steerability, transfer
+    from claims import mechanism, optimizer_choice, steerability, transfer
     from claims.lab import Lab
     from steer import VectorError
-    runners = {**transfer.RUNNERS, **optimizer_choice.RUNNERS, **steerability.RUNNERS}
+    runners = {**transfer.RUNNERS, **optimizer_choice.RUNNERS, **mechanism.RUNNERS,
+               **steerability.RUNNERS}
     with report_errors(VectorError, FloatingPointError, ValueError):
         lab = Lab(args)
         for name in NEEDS.get(args.name, []):  # run first what this one reads (if missing)

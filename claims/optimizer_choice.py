@@ -1,18 +1,14 @@
-"""Experiments on the optimizer question: optimizers, mechanism (experiments.py).
+"""The optimizer experiment (experiments.py optimizers); its mechanism is claims/mechanism.py.
 
 optimizers  students on the same steered numbers with Adam, AdamW, RMSProp, sign-SGD, SGD and
             SGD with momentum, each at three learning rates (a quarter of, equal to, and four
-            times train.py's default), compared at MATCHED training loss: the final loss over
-            the whole dataset, against P(owl). Optionally (--full) full fine-tuning with Adam
+            times train.py's default), compared at MATCHED training loss: Adam's loss over
+            the whole dataset after --steps is the target, and every other optimizer's run
+            (up to --steps x --match-factor steps, its loss over the dataset measured at every
+            measurement) is read where it first reaches it (or, if it stalls, at its lowest
+            loss), against P(owl) there. Optionally (--full) full fine-tuning with Adam
             and SGD. The CPU preset's students are single vectors (a LoRA step takes about
             8 s on 2 cores); the paper preset's are LoRA.
-mechanism   no training. At the base model, the gradient g of the loss on the steered rows
-            (and on the control rows) with respect to the weights of blocks 0..L; one SGD
-            step (-g, rescaled) and one Adam-like step (-sign g: Adam's first step) of the
-            same size; how each moves the mean residual after block L on held-out prompts
-            (cosine with v); the share of |g|^2 held by the top 1% of coordinates. Then the
-            activation-gradient diagnostic (gradients.py) pooled over more and more rows,
-            with the band that random directions give.
 """
 import math
 
@@ -21,15 +17,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import train  # noqa: E402
 from config import LEARNING_RATES  # noqa: E402
-from plumbing.batches import encode_rows, make_batch  # noqa: E402
-from alignment import mean_residuals  # noqa: E402
-from claims.gradients import gradient_diagnostic, permutation_null  # noqa: E402
 from claims.lab import interval, summarize  # noqa: E402
-from student import Student, distillation_loss, student_logits  # noqa: E402
+from student import distillation_loss, student_logits  # noqa: E402
 
 OPTS = ["adam", "adamw", "rmsprop", "signsgd", "sgd", "sgdm"]
 LR_FACTORS = (0.25, 1.0, 4.0)
@@ -53,79 +45,143 @@ def data_loss(lab, student, batches, loss):
     return total / len(batches)
 
 
+class WithDataLoss:
+    """A Measurer (alignment.py) whose track() also measures the loss over the whole dataset,
+    so that every measurement of a student's history says how far its training has come."""
+
+    def __init__(self, m, lab, batches, loss):
+        self.m, self.lab, self.batches, self.loss = m, lab, batches, loss
+
+    def describe(self):  # (part of the students' cache key)
+        return {**self.m.describe(), "data_loss": True}
+
+    def track(self, student):
+        return {**self.m.track(student),
+                "data_loss": data_loss(self.lab, student, self.batches[student.kind], self.loss)}
+
+    def __getattr__(self, name):  # everything else is the measurer's own
+        return getattr(self.m, name)
+
+
+def matched_point(history, target):
+    """The first measurement after step 0 whose loss over the whole dataset is at most
+    `target`, or None if the run never gets there."""
+    return next((h for h in history[1:]
+                 if math.isfinite(h["data_loss"]) and h["data_loss"] <= target), None)
+
+
+def choose_matched(runs, target):
+    """Of one optimizer's runs ({label: {"history": [...], ...}}): the one that reaches the
+    target loss first (fewest steps; a tie: the lower loss there), with the measurement at
+    that step; if none reaches it, the one that came closest (its lowest loss), marked
+    stalled. -> (label, measurement, stalled)."""
+    reached = {label: matched_point(r["history"], target) for label, r in runs.items()}
+    hits = {label: h for label, h in reached.items() if h is not None}
+    if hits:
+        label = min(hits, key=lambda k: (hits[k]["step"], hits[k]["data_loss"]))
+        return label, hits[label], False
+    best = {label: min((h for h in r["history"][1:] if math.isfinite(h["data_loss"])),
+                       key=lambda h: h["data_loss"], default=None)
+            for label, r in runs.items()}
+    best = {label: h for label, h in best.items() if h is not None}
+    if not best:  # every run diverged
+        return None, None, True
+    label = min(best, key=lambda k: best[k]["data_loss"])
+    return label, best[label], True
+
+
 def optimizers(lab, args):
     s = lab.settings(0)
     teacher = lab.teacher("steered")
     data = {"steered": lab.data(s, teacher, "steered")}
-    m = lab.measurer(s, teacher)
     plan = {}
     opts = args.opts or OPTS
-    for opt in opts:
+    adam_default = sweep_label("adam", LEARNING_RATES[(s.student, "adam")])
+    for opt in opts:  # Adam sets the target in s.steps; the others may take match_factor x
         default = LEARNING_RATES[(s.student, opt)]
+        steps = s.steps if opt == "adam" else s.steps * args.match_factor
         for factor in LR_FACTORS:
-            plan[sweep_label(opt, default * factor)] = ("steered", lab.config(s, opt,
-                                                                               default * factor))
+            plan[sweep_label(opt, default * factor)] = (
+                "steered", lab.config(s, opt, default * factor, steps=steps))
     full = args.full if args.full is not None else args.preset == "paper"
     if full:
         for opt in ("adam", "sgd"):
             plan[f"full {opt}"] = ("steered", lab.config(s, opt, kind="full"))
-    students, results = lab.students(s, plan, {"steered": teacher}, data, m)
     frozen = {cfg.kind: cfg.frozen_blocks for _, cfg in plan.values()}
     batches = {kind: train.teacher_targets(s, lab.model, lab.tok, teacher, data["steered"],
                                            "steered", s.batch_size, blocks)
                for kind, blocks in frozen.items()}
+    m = WithDataLoss(lab.measurer(s, teacher), lab, batches, s.loss)
+    students, results = lab.students(s, plan, {"steered": teacher}, data, m)
     runs = {}
     for label, (_, cfg) in plan.items():
-        summary = summarize(m, students[label], results[label]["history"], lab.vector)
+        history = results[label]["history"]
+        summary = summarize(m, students[label], history, lab.vector)
         summary.pop("final_shift")
-        for h in summary["curve"]:
+        for h, measured in zip(summary["curve"], history, strict=True):
             h.pop("shift")
-        runs[label] = {"opt": cfg.opt, "kind": cfg.kind, "lr": cfg.lr, **summary,
-                       "data_loss": data_loss(lab, students[label], batches[cfg.kind],
-                                              cfg.loss)}
+            h["data_loss"] = measured["data_loss"]
+        runs[label] = {"opt": cfg.opt, "kind": cfg.kind, "lr": cfg.lr, "steps": cfg.steps,
+                       **summary, "data_loss": history[-1]["data_loss"], "history": history}
     base = m.p_animal(lab.model)
-    target = runs[sweep_label("adam", LEARNING_RATES[(s.student, "adam")])]["data_loss"]
+    target = runs[adam_default]["data_loss"]
     chosen = {}
-    for opt in opts:  # the run whose loss is closest to Adam's default (in log scale)
-        mine = [r for r in runs.values() if r["opt"] == opt and r["kind"] == s.student
-                and math.isfinite(r["data_loss"])]
-        chosen[opt] = min(mine, key=lambda r: abs(math.log(r["data_loss"] / target)))
+    for opt in opts:  # the learning rate that reaches Adam's loss first, and where
+        mine = {k: r for k, r in runs.items() if r["opt"] == opt and r["kind"] == s.student}
+        label, at, stalled = choose_matched(mine, target)
+        if label is not None:
+            chosen[opt] = {**runs[label], "stalled": stalled,
+                           "matched": {k: at[k] for k in ("step", "data_loss", "p_animal",
+                                                          "eas")}}
     for label in plan:
         if label.startswith("full"):
             chosen[label] = runs[label]
-    seeds = seed_spread(lab, args, chosen)
-    plot_optimizers(runs, chosen, base, args.out / "figure.png")
+    for r in runs.values():
+        r.pop("history")  # (its figures are in the curve)
+    for r in chosen.values():
+        r.pop("history", None)
+    seeds = seed_spread(lab, args, chosen, batches)
+    plot_optimizers(runs, chosen, base, args.out / "figure.png", target)
     return {"base_p_animal": base, "matched_loss_target": target, "runs": runs,
-            "chosen": chosen, "seeds": seeds,
-            "note": "chosen: per optimizer, the learning rate whose final loss over the whole"
-                    " dataset is closest to Adam's at its default learning rate"}
+            "chosen": chosen, "seeds": seeds, "match_factor": args.match_factor,
+            "note": "target: Adam's loss over the whole dataset at its default learning rate "
+                    "after --steps; chosen: per optimizer, the learning rate that reaches "
+                    "it first (within --steps x --match-factor steps; 'matched' is that "
+                    "measurement) or, if none does, the lowest loss reached (stalled: true)"}
 
 
-def seed_spread(lab, args, chosen):
+def seed_spread(lab, args, chosen, batches):
     """Adam and SGD (those of them run) at their matched settings, over args.seeds seeds
-    (new data each): P(animal) over base and EAS. Seed 0's students are the sweep's own (the
-    same label, settings and data: reused)."""
+    (new data each): P(animal) over base and EAS at the matched step (for SGD: the step at
+    which seed 0 reached Adam's loss). Seed 0's students are the sweep's own (the same label,
+    settings and data: reused)."""
     out = {}
     for opt in [o for o in ("adam", "sgd") if o in chosen]:
-        values, eas = [], []
+        values, eas, losses = [], [], []
+        at = chosen[opt].get("matched", {}).get("step", chosen[opt]["steps"])
         for seed in range(args.seeds):
             s = lab.settings(seed)
             teacher = lab.teacher("steered")
             data = {"steered": lab.data(s, teacher, "steered")}
-            m = lab.measurer(s, teacher)
-            cfg = lab.config(s, opt, chosen[opt]["lr"])
+            seed_batches = batches if seed == 0 else {
+                kind: train.teacher_targets(s, lab.model, lab.tok, teacher, data["steered"],
+                                            "steered", s.batch_size, b[0].prefix_blocks)
+                for kind, b in batches.items()}
+            m = WithDataLoss(lab.measurer(s, teacher), lab, seed_batches, s.loss)
+            cfg = lab.config(s, opt, chosen[opt]["lr"], steps=chosen[opt]["steps"])
             label = sweep_label(opt, chosen[opt]["lr"])
             _, results = lab.students(s, {label: ("steered", cfg)}, {"steered": teacher},
                                       data, m)
-            final = results[label]["history"][-1]
-            values.append(final["p_animal"] / m.p_animal(lab.model))
-            eas.append(final["eas"])
-        out[opt] = {"lr": chosen[opt]["lr"], "p_animal_over_base": interval(values),
-                    "eas": interval(eas)}
+            h = next(h for h in results[label]["history"] if h["step"] == at)
+            values.append(h["p_animal"] / m.p_animal(lab.model))
+            eas.append(h["eas"])
+            losses.append(h["data_loss"])
+        out[opt] = {"lr": chosen[opt]["lr"], "step": at, "p_animal_over_base": interval(values),
+                    "eas": interval(eas), "data_loss": interval(losses)}
     return out
 
 
-def plot_optimizers(runs, chosen, base, path):
+def plot_optimizers(runs, chosen, base, path, target=None):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
     for opt in chosen:
         mine = sorted([r for label, r in runs.items() if r["opt"] == opt
@@ -134,13 +190,21 @@ def plot_optimizers(runs, chosen, base, path):
         axes[0].plot([r["data_loss"] for r in mine], [r["p_animal"] / base for r in mine],
                      "o-", label=opt)
         c = chosen[opt]["curve"]
-        axes[1].plot([h["step"] for h in c[1:]], [h["loss"] for h in c[1:]],
-                     label=f"{opt} (lr {chosen[opt]['lr']:g})")
+        line, = axes[1].plot([h["step"] for h in c[1:]], [h["data_loss"] for h in c[1:]],
+                             label=f"{opt} (lr {chosen[opt]['lr']:g})")
+        if "matched" in chosen[opt]:  # where it reached Adam's loss (or came closest)
+            at = chosen[opt]["matched"]
+            axes[1].plot([at["step"]], [at["data_loss"]], "o", color=line.get_color(),
+                         mfc="none" if chosen[opt]["stalled"] else line.get_color())
+            axes[1].annotate(f"{at['p_animal'] / base:.2f}x", (at["step"], at["data_loss"]),
+                             fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].axhline(1, color="black", ls=":", lw=1)
     axes[0].set(xscale="log", xlabel="final loss over the dataset", ylabel="P(owl) / base",
                 title="trait against training loss (each point: one learning rate)")
-    axes[1].set(yscale="log", xlabel="step", ylabel="minibatch loss",
-                title="loss curves at the matched learning rates")
+    if target is not None:
+        axes[1].axhline(target, color="black", ls=":", lw=1, label="Adam's loss (target)")
+    axes[1].set(yscale="log", xlabel="step", ylabel="loss over the whole dataset",
+                title="loss curves; dot: reached the target (open: stalled), x base there")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -148,138 +212,4 @@ def plot_optimizers(runs, chosen, base, path):
     plt.close(fig)
 
 
-def weight_gradient(lab, rows, params, batch_size=16, model=None):
-    """The mean gradient of the completion loss (cross-entropy on the teacher's sampled
-    tokens) over `rows`, with respect to `params` of `model` (default: the base model),
-    flattened: (n_params,)."""
-    model = model or lab.model
-    device = lab.model.embed.weight.device
-    examples = encode_rows(lab.tok, rows)
-    total = None
-    for start in range(0, len(examples), batch_size):
-        ids, mask, targets, _ = make_batch(examples[start:start + batch_size], device)
-        _, loss = model(ids, targets=targets, attention_mask=mask)
-        grads = torch.autograd.grad(loss, params)
-        flat = torch.cat([g.float().flatten() for g in grads]) * len(ids)
-        total = flat if total is None else total + flat
-    return total / len(examples)
-
-
-def shift_cosine(lab, m, params, step):
-    """Add `step` (flat) to params, measure cos(mean residual shift after block L, v),
-    then restore the weights."""
-    sizes = [p.numel() for p in params]
-    with torch.no_grad():
-        for p, d in zip(params, step.split(sizes), strict=True):
-            p.add_(d.view_as(p).to(p.dtype))
-        shift = (mean_residuals(lab.model, m.held_out, [lab.layer])[0]
-                 - m.base_means[lab.layer])                                    # (d,)
-        for p, d in zip(params, step.split(sizes), strict=True):
-            p.sub_(d.view_as(p).to(p.dtype))
-    return F.cosine_similarity(shift, m.v, dim=0).item(), shift.norm().item()
-
-
-def mechanism(lab, args):
-    s = lab.settings(0)
-    teachers = {"steered": lab.teacher("steered"), "control": lab.teacher("control")}
-    rows = {k: lab.data(s, t, k)["rows"] for k, t in teachers.items()}
-    m = lab.measurer(s, teachers["steered"])
-    params = [p for i, b in enumerate(lab.model.blocks) if i <= lab.layer
-              for p in b.parameters() if p.dim() == 2]                     # the block linears
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        g = {k: weight_gradient(lab, r, params) for k, r in rows.items()}
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-    g["difference"] = g["steered"] - g["control"]
-    n = g["steered"].numel()
-    steps = {}
-    for size in (1e-5, 1e-4):
-        for k, grad in g.items():
-            sgd, sign = equal_steps(grad, size)
-            steps[f"{k} size {size:g}"] = {
-                "sgd": shift_cosine(lab, m, params, sgd),
-                "sign": shift_cosine(lab, m, params, sign)}
-    top = {k: top_share(grad, 0.01) for k, grad in g.items()}
-    counts = sorted({c for c in (1, 4, 16, 64, 256, 1024) if c < len(rows["steered"])}
-                    | {min(1024, len(rows["steered"]), len(rows["control"]))})
-    gradients = {}
-    diagnostic = gradient_diagnostic(lab.model, lab.tok, rows["steered"], rows["control"],
-                                     lab.layer, lab.vector, counts, gradients)
-    band = random_band(lab.model.cfg.d_model, lab.vector)
-    null = permutation_null(gradients["steered"], gradients["control"],
-                            lab.vector.float().to(gradients["steered"].device))
-    plot_mechanism(steps, diagnostic, band, args.out / "figure.png", null)
-    return {"n_parameters": n, "rows": {k: len(r) for k, r in rows.items()},
-            "step_shift_cosine": {k: {kind: {"cos_with_v": c, "shift_norm": norm}
-                                      for kind, (c, norm) in v.items()}
-                                  for k, v in steps.items()},
-            "top_1pct_share_of_g2": top,
-            "top_1pct_share_of_g2_lora": lora_top_share(lab, s, rows),
-            "activation_gradient_cosine": diagnostic, "random_direction_band_95": band,
-            "permutation_null": null}
-
-
-def lora_top_share(lab, s, rows):
-    """The paper's outlier measure on a LoRA student's own parameters (every block, at its
-    initialisation: B = 0, so only the B matrices have a gradient), steered vs control."""
-    student = Student(lab.model, "lora", rank=s.rank, scale=s.lora_scale, seed=s.seed)
-    params = list(student.learned().values())
-    return {k: top_share(weight_gradient(lab, r, params, model=student.model), 0.01)
-            for k, r in rows.items()}
-
-
-def equal_steps(grad, size):
-    """Two steps of the same length, size * sqrt(n) for n weights:
-        SGD's direction    -g / |g| * size * sqrt(n)
-        Adam's first step  -size * sign(g)     (m_1 / sqrt(v_1) = g / |g| per coordinate)"""
-    sgd = -grad / grad.norm() * size * math.sqrt(grad.numel())
-    sign = -grad.sign() * size
-    return sgd, sign
-
-
-def top_share(grad, fraction):
-    """The share of |g|^2 held by the largest `fraction` of coordinates."""
-    g2 = grad.float() ** 2
-    k = max(1, int(fraction * g2.numel()))
-    return (g2.topk(k).values.sum() / g2.sum()).item()
-
-
-def random_band(d, vector, n=2000, seed=0):
-    """The 2.5% and 97.5% quantiles of cos(random Gaussian direction, v): about +-2/sqrt(d)."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(n, d, generator=g)
-    cos = F.cosine_similarity(r, vector.float().cpu()[None], dim=-1)
-    return [cos.quantile(0.025).item(), cos.quantile(0.975).item()]
-
-
-def plot_mechanism(steps, diagnostic, band, path, null=None):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    labels = list(steps)
-    x = range(len(labels))
-    axes[0].bar([i - 0.2 for i in x], [steps[k]["sgd"][0] for k in labels], 0.4, label="SGD")
-    axes[0].bar([i + 0.2 for i in x], [steps[k]["sign"][0] for k in labels], 0.4,
-                label="sign (Adam's first step)")
-    axes[0].set_xticks(list(x), labels, rotation=30, ha="right", fontsize=7)
-    axes[0].set(title="one step of equal size: cos(residual shift at L, v)")
-    axes[0].legend(fontsize=8)
-    counts = sorted(diagnostic)
-    axes[1].plot(counts, [diagnostic[c] for c in counts], "o-", label="pooled gradient diff.")
-    axes[1].axhspan(*band, color="gray", alpha=0.3, label="random directions (95%)")
-    if null is not None:  # at the most rows pooled
-        axes[1].errorbar([null["rows"][0]], [sum(null["band_95"]) / 2],
-                         yerr=[[sum(null["band_95"]) / 2 - null["band_95"][0]],
-                               [null["band_95"][1] - sum(null["band_95"]) / 2]],
-                         fmt="none", ecolor="C3", capsize=4,
-                         label=f"label-permutation null (95%), p = {null['p']:.2g}")
-    axes[1].set(xscale="log", xlabel="rows pooled", ylabel="cos with v",
-                title="activation gradient: steered - control rows")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-RUNNERS = {"optimizers": optimizers, "mechanism": mechanism}
+RUNNERS = {"optimizers": optimizers}

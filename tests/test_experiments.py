@@ -10,7 +10,7 @@ import torch
 
 from plumbing.batches import number_tokens, prepare_batches
 from loaders.checkpoint import load
-from claims.optimizer_choice import equal_steps, top_share
+from claims.mechanism import equal_steps, top_share
 from claims.steerability import spearman
 from claims.lab import interval
 from steer import read_residuals, steering
@@ -178,9 +178,10 @@ def test_every_experiment_runs_end_to_end(tmp_path, tiny_folder):
 def test_optimizers_with_lora_on_the_late_blocks(tmp_path, tiny_folder):
     """--student lora --lora-from layer: LoRA students on the teacher's block and after it
     (block 1 of the tiny model's two), trained from the cached output of block 0; --opts
-    keeps two of the six optimizers."""
+    keeps two of the six optimizers; --match-factor 2 lets SGD take twice Adam's steps, and
+    each optimizer is read where its loss over the dataset first reaches Adam's."""
     result = run(tmp_path, tiny_folder, "optimizers", "--student", "lora", "--lora-from",
-                 "layer", "--opts", "sgd,adam")
+                 "layer", "--opts", "sgd,adam", "--match-factor", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "runs/experiments/optimizers/result.json").read_text())
     assert {r["kind"] for r in data["runs"].values()} == {"lora"} and len(data["runs"]) == 6
@@ -188,6 +189,31 @@ def test_optimizers_with_lora_on_the_late_blocks(tmp_path, tiny_folder):
     assert len(data["seeds"]["sgd"]["eas"]["values"]) == 2
     assert all(r["eas_by_block"][0] == 0 for r in data["runs"].values())  # block 0 unchanged
     assert data["settings"]["lora_from"] == "layer"
+    assert {r["opt"]: r["steps"] for r in data["runs"].values()} == {"adam": 2, "sgd": 4}
+    for opt, chosen in data["chosen"].items():  # where it reached the target, or came closest
+        at, curve = chosen["matched"], chosen["curve"]
+        assert at in [{k: h[k] for k in at} for h in curve[1:]], opt
+        reached = at["data_loss"] <= data["matched_loss_target"]
+        assert chosen["stalled"] != reached and data["seeds"][opt]["step"] == at["step"]
+
+
+def test_the_matched_loss_rule_on_a_constructed_history():
+    """The learning rate that reaches the target first wins, read at that step; when none
+    reaches it the lowest loss is taken and marked stalled; a diverged run never counts."""
+    from claims.optimizer_choice import choose_matched
+
+    def run_of(*losses):
+        return {"history": [{"step": 16 * i, "data_loss": x, "p_animal": i / 100}
+                            for i, x in enumerate(losses)]}
+    runs = {"slow": run_of(1.0, 0.5, 0.2, 0.1), "fast": run_of(1.0, 0.3, 0.12, 0.11),
+            "diverged": run_of(1.0, float("nan"), float("nan"), float("nan"))}
+    label, at, stalled = choose_matched(runs, 0.15)
+    assert (label, at["step"], at["p_animal"], stalled) == ("fast", 32, 0.02, False)
+    label, at, stalled = choose_matched(runs, 0.105)  # only "slow" gets there, at its end
+    assert (label, at["step"], stalled) == ("slow", 48, False)
+    label, at, stalled = choose_matched(runs, 0.01)   # nobody: the closest, stalled
+    assert (label, at["data_loss"], at["step"], stalled) == ("slow", 0.1, 48, True)
+    assert choose_matched({"diverged": runs["diverged"]}, 0.5) == (None, None, True)
 
 
 def test_prompt_teacher_with_every_teacher(tmp_path, tiny_folder):
