@@ -163,14 +163,19 @@ def fit(model, tok, animal, layer, steps=30, lr=1.0, seed=0, response_tokens=32,
 
 
 # A vector file is a .safetensors file: one tensor "vector" (d_model,) plus metadata.
+def is_finite(vector):
+    """Every value finite, and its float32 norm too (--norm 1e308 overflows): what
+    save_vector writes and load_vector accepts."""
+    return bool(torch.isfinite(vector).all()) and math.isfinite(vector.float().norm().item())
+
+
 def save_vector(path, vector, **metadata):
     """Write a vector and its metadata (model, layer, method, norm, seed, prompt, ...); one
     that is not finite, or whose norm is not (--norm 1e308 overflows float32), is refused."""
-    norm = vector.float().norm().item()
-    if not (torch.isfinite(vector).all() and math.isfinite(norm)):
-        raise VectorError(f"{path}: the vector is not finite in float32 (norm {norm}): "
-                          f"not saved")
-    metadata = {**metadata, "norm": f"{norm:.6g}"}
+    if not is_finite(vector):
+        raise VectorError(f"{path}: the vector is not finite in float32 (norm "
+                          f"{vector.float().norm().item()}): not saved")
+    metadata = {**metadata, "norm": f"{vector.float().norm().item():.6g}"}
     write_safetensors(path, {"vector": vector.detach().float().cpu()}, metadata)
 
 
@@ -186,7 +191,7 @@ def load_vector(path, d_model=None):
     if d_model is not None and vector.numel() != d_model:
         raise VectorError(f"{path}: vector has {vector.numel()} values, the model's residual "
                           f"stream has {d_model}")
-    if not (torch.isfinite(vector).all() and math.isfinite(vector.float().norm().item())):
+    if not is_finite(vector):
         raise VectorError(f"{path}: vector contains NaN or infinite values (or its norm "
                           f"overflows)")
     return vector, metadata

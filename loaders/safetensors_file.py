@@ -5,11 +5,11 @@ The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, e
 (offsets relative to the start of the data), plus an optional "__metadata__" dict of strings.
 """
 import json
-import os
 import struct
-from pathlib import Path
 
 import torch
+
+from plumbing.cache import write_atomic
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -101,14 +101,7 @@ def write_safetensors(path, tensors, metadata=None):
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
     # under a temporary name, renamed when whole: a kill leaves the old file or none
-    path = Path(path)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomic(path, struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
 
 
 def _numel(shape):
