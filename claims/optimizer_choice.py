@@ -7,8 +7,9 @@ optimizers  students on the same steered numbers with Adam, AdamW, RMSProp, sign
             (up to --steps x --match-factor steps, its loss over the dataset measured at every
             measurement) is read where it first reaches it (or, if it stalls, at its lowest
             loss), against P(owl) there. Optionally (--full) full fine-tuning with Adam
-            and SGD. The CPU preset's students are single vectors (a LoRA step takes about
-            8 s on 2 cores); the paper preset's are LoRA.
+            and SGD. The CPU preset's students are single vectors; the paper preset's are
+            LoRA. On 2 cores, LoRA on every block costs several seconds a step; LoRA on the
+            teacher's block and after it (--lora-from layer) about half a second.
 """
 import math
 

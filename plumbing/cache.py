@@ -127,8 +127,14 @@ def code_version(*makers):
 
 def code_record():
     """What code a run ran, for its JSON files: the git commit (None outside a git checkout),
-    whether files differed from it, and torch's version."""
+    whether files differed from it, torch's version, the command line of the process and
+    when it wrote the record (UTC), so that a result file says how to make it again."""
+    import shlex
     import subprocess
+    import sys
+    from datetime import UTC, datetime
+    command = shlex.join(["python", *sys.argv])
+    written = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
@@ -137,7 +143,8 @@ def code_record():
                                     timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return {"commit": commit, "uncommitted_changes": dirty, "torch": torch.__version__}
+    return {"commit": commit, "uncommitted_changes": dirty, "torch": torch.__version__,
+            "command": command, "written_utc": written}
 
 
 def input_hash(inputs):

@@ -180,3 +180,12 @@ def test_an_undefined_figure_is_null_and_named(tmp_path):
     written = json.loads((tmp_path / "m.json").read_text())
     assert written == {"a": 1.0, "b": {"c": None}, "d": [0.5, None],
                        "undefined": ["b.c", "d[1]"]}
+
+
+def test_code_record_says_how_the_result_was_made(monkeypatch):
+    """A result file names its commit, its command line and when it was written."""
+    monkeypatch.setattr(sys, "argv", ["experiments.py", "optimizers", "--opts", "adam,sgd"])
+    record = cache.code_record()
+    assert record["command"] == "python experiments.py optimizers --opts adam,sgd"
+    assert record["written_utc"].endswith("Z") and len(record["written_utc"]) == 20
+    assert set(record) >= {"commit", "uncommitted_changes", "torch"}
