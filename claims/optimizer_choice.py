@@ -91,6 +91,14 @@ def choose_matched(runs, target):
     return label, best[label], True
 
 
+def adam_at_loss(adam_history, loss):
+    """Where Adam's run first reached `loss` (a stalled optimizer's lowest): the comparison
+    at matched loss turned around, so that a stalled optimizer is still compared with Adam at
+    the same loss (None if Adam never got there)."""
+    at = matched_point(adam_history, loss)
+    return None if at is None else {k: at[k] for k in ("step", "data_loss", "p_animal", "eas")}
+
+
 def optimizers(lab, args):
     s = lab.settings(0)
     teacher = lab.teacher("steered")
@@ -134,6 +142,10 @@ def optimizers(lab, args):
             chosen[opt] = {**runs[label], "stalled": stalled,
                            "matched": {k: at[k] for k in ("step", "data_loss", "p_animal",
                                                           "eas")}}
+    for c in chosen.values():  # a stalled optimizer: Adam read at the loss it did reach
+        if c["stalled"]:
+            c["adam_at_its_loss"] = adam_at_loss(runs[adam_default]["history"],
+                                                 c["matched"]["data_loss"])
     for label in plan:
         if label.startswith("full"):
             chosen[label] = runs[label]
@@ -148,7 +160,8 @@ def optimizers(lab, args):
             "note": "target: Adam's loss over the whole dataset at its default learning rate "
                     "after --steps; chosen: per optimizer, the learning rate that reaches "
                     "it first (within --steps x --match-factor steps; 'matched' is that "
-                    "measurement) or, if none does, the lowest loss reached (stalled: true)"}
+                    "measurement) or, if none does, the lowest loss reached (stalled: true; "
+                    "then adam_at_its_loss: Adam where it first reached that loss)"}
 
 
 def seed_spread(lab, args, chosen, batches):

@@ -195,6 +195,7 @@ def test_optimizers_with_lora_on_the_late_blocks(tmp_path, tiny_folder):
         assert at in [{k: h[k] for k in at} for h in curve[1:]], opt
         reached = at["data_loss"] <= data["matched_loss_target"]
         assert chosen["stalled"] != reached and data["seeds"][opt]["step"] == at["step"]
+        assert ("adam_at_its_loss" in chosen) == chosen["stalled"]  # Adam at a stalled loss
 
 
 def test_the_matched_loss_rule_on_a_constructed_history():
@@ -214,6 +215,18 @@ def test_the_matched_loss_rule_on_a_constructed_history():
     label, at, stalled = choose_matched(runs, 0.01)   # nobody: the closest, stalled
     assert (label, at["data_loss"], at["step"], stalled) == ("slow", 0.1, 48, True)
     assert choose_matched({"diverged": runs["diverged"]}, 0.5) == (None, None, True)
+
+
+def test_a_stalled_optimizer_meets_adam_at_its_own_loss():
+    """Turned around: Adam is read at the first measurement that reaches the stalled
+    optimizer's lowest loss (and nowhere if Adam never gets there)."""
+    from claims.optimizer_choice import adam_at_loss
+    adam = [{"step": 16 * i, "data_loss": x, "p_animal": i / 100, "eas": i / 10}
+            for i, x in enumerate((1.0, 0.4, 0.05, 0.01))]
+    assert adam_at_loss(adam, 0.3) == {"step": 32, "data_loss": 0.05, "p_animal": 0.02,
+                                       "eas": 0.2}
+    assert adam_at_loss(adam, 0.4)["step"] == 16
+    assert adam_at_loss(adam, 0.001) is None
 
 
 def test_prompt_teacher_with_every_teacher(tmp_path, tiny_folder):
