@@ -201,8 +201,12 @@ def plot_optimizers(runs, chosen, base, path, target=None):
         mine = sorted([r for label, r in runs.items() if r["opt"] == opt
                        and (r["kind"] != "full") == (not opt.startswith("full"))
                        or label == opt], key=lambda r: r["data_loss"])
-        axes[0].plot([r["data_loss"] for r in mine], [r["p_animal"] / base for r in mine],
-                     "o-", label=opt)
+        line, = axes[0].plot([r["data_loss"] for r in mine],
+                             [r["p_animal"] / base for r in mine], "o", label=opt)
+        for r in mine:  # each learning rate's path through training, to its final point
+            path_ = [h for h in r["curve"][1:] if math.isfinite(h["data_loss"])]
+            axes[0].plot([h["data_loss"] for h in path_], [h["p_animal"] / base for h in path_],
+                         "-", color=line.get_color(), lw=0.8, alpha=0.6)
         c = chosen[opt]["curve"]
         line, = axes[1].plot([h["step"] for h in c[1:]], [h["data_loss"] for h in c[1:]],
                              label=f"{opt} (lr {chosen[opt]['lr']:g})")
@@ -213,8 +217,10 @@ def plot_optimizers(runs, chosen, base, path, target=None):
             axes[1].annotate(f"{at['p_animal'] / base:.2f}x", (at["step"], at["data_loss"]),
                              fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].axhline(1, color="black", ls=":", lw=1)
-    axes[0].set(xscale="log", xlabel="final loss over the dataset", ylabel="P(owl) / base",
-                title="trait against training loss (each point: one learning rate)")
+    if target is not None:
+        axes[0].axvline(target, color="black", ls=":", lw=1)
+    axes[0].set(xscale="log", xlabel="loss over the dataset", ylabel="P(owl) / base",
+                title="trait against loss along training (dot: each learning rate's end)")
     if target is not None:
         axes[1].axhline(target, color="black", ls=":", lw=1, label="Adam's loss (target)")
     axes[1].set(yscale="log", xlabel="step", ylabel="loss over the whole dataset",
