@@ -64,6 +64,11 @@ class WithDataLoss:
         return getattr(self.m, name)
 
 
+def reading(measurement):
+    """What a comparison reports of one measurement of a student's history."""
+    return {k: measurement[k] for k in ("step", "data_loss", "p_animal", "eas")}
+
+
 def matched_point(history, target):
     """The first measurement after step 0 whose loss over the whole dataset is at most
     `target`, or None if the run never gets there."""
@@ -96,7 +101,7 @@ def adam_at_loss(adam_history, loss):
     at matched loss turned around, so that a stalled optimizer is still compared with Adam at
     the same loss (None if Adam never got there)."""
     at = matched_point(adam_history, loss)
-    return None if at is None else {k: at[k] for k in ("step", "data_loss", "p_animal", "eas")}
+    return None if at is None else reading(at)
 
 
 def optimizers(lab, args):
@@ -139,9 +144,7 @@ def optimizers(lab, args):
         mine = {k: r for k, r in runs.items() if r["opt"] == opt and r["kind"] == s.student}
         label, at, stalled = choose_matched(mine, target)
         if label is not None:
-            chosen[opt] = {**runs[label], "stalled": stalled,
-                           "matched": {k: at[k] for k in ("step", "data_loss", "p_animal",
-                                                          "eas")}}
+            chosen[opt] = {**runs[label], "stalled": stalled, "matched": reading(at)}
     for c in chosen.values():  # a stalled optimizer: Adam read at the loss it did reach
         if c["stalled"]:
             c["adam_at_its_loss"] = adam_at_loss(runs[adam_default]["history"],
@@ -204,8 +207,8 @@ def plot_optimizers(runs, chosen, base, path, target=None):
         line, = axes[0].plot([r["data_loss"] for r in mine],
                              [r["p_animal"] / base for r in mine], "o", label=opt)
         for r in mine:  # each learning rate's path through training, to its final point
-            path_ = [h for h in r["curve"][1:] if math.isfinite(h["data_loss"])]
-            axes[0].plot([h["data_loss"] for h in path_], [h["p_animal"] / base for h in path_],
+            points = [h for h in r["curve"][1:] if math.isfinite(h["data_loss"])]
+            axes[0].plot([h["data_loss"] for h in points], [h["p_animal"] / base for h in points],
                          "-", color=line.get_color(), lw=0.8, alpha=0.6)
         c = chosen[opt]["curve"]
         line, = axes[1].plot([h["step"] for h in c[1:]], [h["data_loss"] for h in c[1:]],
@@ -219,10 +222,9 @@ def plot_optimizers(runs, chosen, base, path, target=None):
     axes[0].axhline(1, color="black", ls=":", lw=1)
     if target is not None:
         axes[0].axvline(target, color="black", ls=":", lw=1)
+        axes[1].axhline(target, color="black", ls=":", lw=1, label="Adam's loss (target)")
     axes[0].set(xscale="log", xlabel="loss over the dataset", ylabel="P(owl) / base",
                 title="trait against loss along training (dot: each learning rate's end)")
-    if target is not None:
-        axes[1].axhline(target, color="black", ls=":", lw=1, label="Adam's loss (target)")
     axes[1].set(yscale="log", xlabel="step", ylabel="loss over the whole dataset",
                 title="loss curves; dot: reached the target (open: stalled), x base there")
     for ax in axes:
