@@ -223,15 +223,19 @@ def learning_rate(step, total, peak, schedule="cosine", warmup_fraction=0.05,
     return peak * (total - step) / (decay + 1)  # decay + 1 steps down: the last is above 0
 
 
+def loss_columns(batch):
+    """(P, keep): the loss positions are the completions, the last P columns of the
+    left-padded batch; keep (B, P) marks those that predict a completion token."""
+    keep = batch.targets != -100                                           # (B, T)
+    P = keep.size(1) - int(keep.any(0).float().argmax())
+    return P, keep[:, -P:]                                                 # (B, P)
+
+
 def student_logits(student, base, batch, loss):
     """The student's logits at the batch's loss positions: (N, vocab), or (N, n_numbers) for
     kl_numbers. With a cached prefix (the output of the blocks the student never changes)
     only the later blocks run."""
-    keep = batch.targets != -100                                           # (B, T)
-    # the loss positions are the completions, the last P columns of the left-padded batch:
-    # the last block computes only those (model.run_blocks' final_positions)
-    P = keep.size(1) - int(keep.any(0).float().argmax())
-    keep = keep[:, -P:]                                                    # (B, P)
+    P, keep = loss_columns(batch)  # the last block computes only the last P columns
     if batch.prefix is not None:
         h, m = batch.prefix, student.model                                 # (B, T, d)
         if student.vector is not None:  # added after block `layer`, where the prefix ends

@@ -9,8 +9,10 @@ same left-padded batch of number-sequence prompts and completions, by this proje
 student and by transformers' model of the same checkpoint with the same hand-made LoRA
 modules on the same seven linears of every block (--peft: also PEFT's LoRA, r 8 / alpha 32,
 on the same linears). A vector-student step: the demo's (one vector after the teacher's block,
-blocks after it only, KL over the number tokens). Teacher: steered, constrained sampling of
-number lists by generate(). Needs the test-only packages (requirements-dev.txt).
+blocks after it only, KL over the number tokens); and --together K such students stepped in
+one pass (plumbing/vector_students.py) against K steps one at a time. Teacher: steered,
+constrained sampling of number lists by generate(). Needs the test-only packages
+(requirements-dev.txt).
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
@@ -29,6 +32,7 @@ from optimizers import Adam
 from prompts import number_prompts
 from steer import steering
 from plumbing.batches import Batch, digit_tokens, encode_rows, make_batch, number_tokens
+from plumbing.vector_students import together_logits
 from student import LORA_TARGETS, LoRALinear, Student, distillation_loss, student_logits
 from vectors import default_layer, random_vector
 
@@ -72,7 +76,12 @@ def lora_step_figures(model, tok, path, batch, repeats=3, peft=False):
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     ids, mask, targets, _ = number_batch(tok, batch, device)
     n_tokens = int(mask.sum())
-    labels = targets.roll(1, dims=1)  # transformers shifts labels itself
+
+    def reference_loss(ref):
+        """Cross-entropy at the same positions as ours. (transformers' own labels= loss
+        drops each row's last column, here the end token, so it is not the same loss.)"""
+        logits = ref(input_ids=ids, attention_mask=mask).logits            # (B, T, vocab)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     student = Student(model, "lora")
     figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "batch": batch, "tokens_per_step": n_tokens}
@@ -93,14 +102,14 @@ def lora_step_figures(model, tok, path, batch, repeats=3, peft=False):
     measure("ours", lambda: student.model(ids, targets=targets, attention_mask=mask)[1],
             student.parameters())
     ref = hf_with_lora(path, dtype, device)
-    measure("transformers", lambda: ref(input_ids=ids, attention_mask=mask, labels=labels).loss,
+    measure("transformers", lambda: reference_loss(ref),
             [p for p in ref.parameters() if p.requires_grad])
     del ref
     figures["train_speedup"] = round(figures["train_tokens_per_s_ours"]
                                      / figures["train_tokens_per_s_transformers"], 2)
     if peft:
         ref = hf_with_peft(path, dtype, device)
-        measure("peft", lambda: ref(input_ids=ids, attention_mask=mask, labels=labels).loss,
+        measure("peft", lambda: reference_loss(ref),
                 [p for p in ref.parameters() if p.requires_grad])
         figures["train_speedup_vs_peft"] = round(figures["train_tokens_per_s_ours"]
                                                  / figures["train_tokens_per_s_peft"], 2)
@@ -112,29 +121,58 @@ def vector_step_seconds(model, tok, batch, repeats=3, kind="vector"):
     teacher's block only, KL over the number tokens, Adam), or of LoRA on the blocks from the
     teacher's on (kind "late_lora": --lora-from layer, cross-entropy), on the cached output
     of the blocks it never changes (plumbing/batches.py), as train_student runs it."""
-    device = model.embed.weight.device
     layer = default_layer(model.cfg.n_layer)
-    ids, mask, targets, prompt_mask = number_batch(tok, batch, device)
     if kind == "vector":
         student, loss = Student(model, "vector", layer=layer), "kl_numbers"
     else:
         student, loss = Student(model, "lora", first_block=layer), "ce"
-    b = Batch(ids, mask, targets, prompt_mask, number_tokens(tok), digit_tokens(tok))
-    with torch.no_grad():  # what batches.py computes once: the prefix and the targets
-        b.prefix = model.run_blocks(model.embed(ids), mask, last=student.frozen_blocks)
-        b.prefix_blocks = student.frozen_blocks
-        b.teacher_final = model.norm(model.run_blocks(model.embed(ids), mask))[targets != -100]
+    b = cached_batch(model, tok, batch, student.frozen_blocks)
+    targets = b.targets[b.targets != -100]
     opt = Adam(student.parameters(), lr=1e-3)
 
     def step():
         logits = student_logits(student, model, b, loss)
         teacher = b.teacher_logits(model, True) if loss == "kl_numbers" else None
-        value = distillation_loss(logits, teacher, targets[targets != -100], loss)
+        value = distillation_loss(logits, teacher, targets, loss)
         opt.zero_grad()
         value.backward()
         opt.step()
     step()  # warm-up
-    return timed(step, device, repeats)
+    return timed(step, model.embed.weight.device, repeats)
+
+
+def cached_batch(model, tok, batch, frozen_blocks):
+    """number_batch as plumbing/batches.py prepares it: with the residual after the blocks
+    a student never changes and the teacher's final hidden state, computed once."""
+    ids, mask, targets, prompt_mask = number_batch(tok, batch, model.embed.weight.device)
+    b = Batch(ids, mask, targets, prompt_mask, number_tokens(tok), digit_tokens(tok))
+    with torch.no_grad():
+        b.prefix = model.run_blocks(model.embed(ids), mask, last=frozen_blocks)
+        b.prefix_blocks = frozen_blocks
+        b.teacher_final = model.norm(model.run_blocks(model.embed(ids), mask))[targets != -100]
+    return b
+
+
+def together_seconds(model, tok, batch, k, repeats=3):
+    """Seconds of one step of k vector students (the demo's), trained together in one pass
+    (plumbing/vector_students.py); against k times vector_step_seconds, one at a time."""
+    students = [Student(model, "vector", layer=default_layer(model.cfg.n_layer))
+                for _ in range(k)]
+    b = cached_batch(model, tok, batch, students[0].frozen_blocks)
+    targets = b.targets[b.targets != -100]
+    opts = [Adam(s.parameters(), lr=1e-3) for s in students]
+
+    def step():
+        logits = together_logits(students, b, "kl_numbers")               # (k, N, n)
+        teacher = b.teacher_logits(model, True)
+        losses = [distillation_loss(one, teacher, targets, "kl_numbers") for one in logits]
+        for opt in opts:
+            opt.zero_grad()
+        sum(losses).backward()
+        for opt in opts:
+            opt.step()
+    step()  # warm-up
+    return timed(step, model.embed.weight.device, repeats)
 
 
 def teacher_seconds(model, tok, rows, new_tokens=48, repeats=2):
@@ -156,6 +194,8 @@ def main():
     parser.add_argument("--teacher-batch", type=int, default=32, help="rows sampled together")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
     parser.add_argument("--peft", action="store_true", help="also transformers + PEFT's LoRA")
+    parser.add_argument("--together", type=int, default=8, metavar="K",
+                        help="vector students in one pass, against one at a time (0: skip)")
     add_model_flags(parser)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
@@ -169,6 +209,11 @@ def main():
     t_vector = vector_step_seconds(model, tok, args.batch, args.repeats)
     t_teacher = teacher_seconds(model, tok, args.teacher_batch, new_tokens,
                                 max(1, args.repeats - 1))
+    if args.together:
+        t_together = together_seconds(model, tok, args.batch, args.together, args.repeats)
+        figures |= {f"vector_students_{args.together}_together_s": round(t_together, 4),
+                    f"vector_students_{args.together}_alone_s": round(args.together * t_vector, 4),
+                    "together_speedup": round(args.together * t_vector / t_together, 2)}
     figures |= {"vector_steps_per_s": round(1 / t_vector, 1),
                 "teacher_tokens_per_s": round(args.teacher_batch * new_tokens / t_teacher, 1),
                 "torch_threads": torch.get_num_threads()}
@@ -183,6 +228,11 @@ def main():
               f"(loss {figures['loss_peft']:.4f}; ours {figures['train_speedup_vs_peft']}x)")
     print(f"vector student step, {args.batch} sequences: {figures['vector_steps_per_s']} "
           f"steps/s")
+    if args.together:
+        k = args.together
+        print(f"{k} vector students, one step each: {figures[f'vector_students_{k}_alone_s']} s "
+              f"one at a time, {figures[f'vector_students_{k}_together_s']} s together "
+              f"({figures['together_speedup']}x)")
     print(f"steered teacher, constrained sampling, {args.teacher_batch} rows x {new_tokens} "
           f"tokens: {figures['teacher_tokens_per_s']} tokens/s")
     if args.json:

@@ -7,7 +7,8 @@ What it runs, in this order, each item in its own share of the budget (bench/gpu
   1. the benches, side by side in this process: sampling at batch 64 and 256 (our readable
      generate(), our compiled fixed-shape path, transformers' generate), a LoRA step (ours,
      transformers with the same LoRA modules, transformers + PEFT) and the vector-student
-     step (bench/bench_generate.py and bench/bench_train.py's functions);
+     step, alone and 8 students of one dataset in one pass (bench/bench_generate.py and
+     bench/bench_train.py's functions);
   2. train.py's demo (--vector owl --opt adam) and its long budget (--preset long);
   3. train.py --preset paper at the largest share of the recipe that fits;
   4. the claims runs, experiments.py NAME --preset long, vector students first, then LoRA.
@@ -149,7 +150,7 @@ def calibrate(model, tok, names, checkpoint, device, cwd):
 def run_bench(item, scale, ctx):
     """One bench item in this process: its figures."""
     from bench_generate import load_reference, sampling_figures
-    from bench_train import lora_step_figures, vector_step_seconds
+    from bench_train import lora_step_figures, together_seconds, vector_step_seconds
     s, model, tok = item.spec, ctx["model"], ctx["tok"]
     if item.name.startswith("bench-sampling"):
         if "ref" not in ctx:  # transformers' model of the same file, loaded once
@@ -169,6 +170,12 @@ def run_bench(item, scale, ctx):
     b = s["batches"][-1]
     figures[f"late_lora_steps_per_s_batch_{b}"] = round(1 / vector_step_seconds(
         model, tok, b, s["repeats"], "late_lora"), 1)
+    k = s["together"]  # k students of one dataset in one pass (plumbing/vector_students.py)
+    alone = k / figures[f"vector_steps_per_s_batch_{b}"]
+    together = together_seconds(model, tok, b, k, s["together_repeats"])
+    figures |= {f"vector_students_{k}_alone_s_batch_{b}": round(alone, 4),
+                f"vector_students_{k}_together_s_batch_{b}": round(together, 4),
+                "together_speedup": round(alone / together, 2)}
     return figures
 
 

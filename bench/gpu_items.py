@@ -113,10 +113,14 @@ def bench_items(tiny, have_peft):
                       1.0, "bench", dict(batches=lora_batches, repeats=repeats,
                                          peft=have_peft)))
     vector_batches = [4] if tiny else [4, 8]
+    together, together_repeats = (2, 1) if tiny else (8, 5)  # k students, timed runs
+    b = vector_batches[-1]  # k together cost at most k steps alone, each run
     items.append(Item("bench-vector-step", WEIGHTS["bench-vector-step"], {}, 0.0,
-                      {**{f"vector_step@{b}": 25 for b in vector_batches},
-                       f"late_lora_step@{vector_batches[-1]}": 25}, 1.0, "bench",
-                      dict(batches=vector_batches, repeats=20)))
+                      {**{f"vector_step@{x}": 25 for x in vector_batches},
+                       f"vector_step@{b}": 25 + together * (together_repeats + 1),
+                       f"late_lora_step@{b}": 25}, 1.0, "bench",
+                      dict(batches=vector_batches, repeats=20, together=together,
+                           together_repeats=together_repeats)))
     return items
 
 

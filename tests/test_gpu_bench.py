@@ -89,6 +89,7 @@ def test_results_are_written_item_by_item(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in lines] == ["bench-vector-step", "demo"]
     assert lines[0]["status"] == "ok" and "vector_steps_per_s_batch_4" in lines[0]["figures"]
+    assert lines[0]["figures"]["together_speedup"] > 0  # 2 students together vs alone
     assert lines[1]["status"] == "failed" and lines[1]["returncode"] == 3
     assert "exit status 3" in lines[1]["reason"]
 
@@ -116,3 +117,21 @@ def test_the_dry_run_end_to_end(tmp_path):
     assert env["torch"] and "git_commit" in env
     printed = r.stdout.splitlines()
     assert sum(line.startswith(("bench-", "demo", "claims-")) for line in printed) == 3
+
+
+def test_the_lora_bench_compares_the_same_loss_and_the_together_bench_runs(tmp_path):
+    """bench_train's LoRA step: ours and transformers compute the same loss on the same
+    left-padded batch (every row's end token included); --together runs."""
+    import torch
+    from bench_train import lora_step_figures, together_seconds
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from loaders.checkpoint import load
+    from tiny_checkpoint import write_tiny_checkpoint
+    folder = write_tiny_checkpoint(tmp_path / "tiny", layers=3)
+    model, tok = load(folder, device="cpu", dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    figures = lora_step_figures(model, tok, folder, 4, repeats=1)
+    assert figures["loss_ours"] == pytest.approx(figures["loss_transformers"], rel=1e-5)
+    assert together_seconds(model, tok, 4, 3, repeats=1) > 0
