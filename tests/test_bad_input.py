@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loaders.checkpoint import GGUF_BLOCK_NAMES, HF_BLOCK_NAMES, CheckpointError, load
+from loaders.checkpoint import CheckpointError, load
+from loaders.formats import GGUF_BLOCK_NAMES, HF_BLOCK_NAMES
 from loaders.gguf_file import GGUFError
 from loaders.safetensors_file import read_safetensors, write_safetensors
 from test_gguf import write_gguf_file
