@@ -82,6 +82,7 @@ def lora_step_figures(model, tok, path, batch, repeats=3, peft=False):
         drops each row's last column, here the end token, so it is not the same loss.)"""
         logits = ref(input_ids=ids, attention_mask=mask).logits            # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
     student = Student(model, "lora")
     figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "batch": batch, "tokens_per_step": n_tokens}
