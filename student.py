@@ -262,6 +262,23 @@ def digit_positions(batch):
     return torch.isin(targets, torch.tensor(batch.digit_ids, device=targets.device))
 
 
+def loss_targets(base, batch, loss, positions):
+    """What a step's loss compares the student with, at the batch's N loss positions:
+    (targets, teacher_logits, keep). targets: (n,) the sampled next tokens; teacher_logits:
+    (n, V) for the KL losses, None for ce; keep: (N,) bool, the n positions the loss counts
+    (digits only), or None when it counts all N."""
+    targets = batch.targets[batch.targets != -100]                         # (N,)
+    teacher_logits = None
+    if loss != "ce":  # from the teacher's hidden states, computed once
+        teacher_logits = batch.teacher_logits(base, loss == "kl_numbers")  # (N, V)
+    keep = None
+    if positions == "digits":  # only where the next token is a digit: no separators
+        keep = digit_positions(batch)                                       # (N,)
+        targets = targets[keep]                                             # (n,)
+        teacher_logits = None if teacher_logits is None else teacher_logits[keep]
+    return targets, teacher_logits, keep
+
+
 def train_student(base, batches, cfg, track, progress=True, report=None):
     """Fine-tune a student on prepared batches (plumbing/batches.py: the teacher's rows, with
     its targets) and return it and its history. cfg: StudentConfig (config.py).
@@ -286,15 +303,10 @@ def train_student(base, batches, cfg, track, progress=True, report=None):
         if not order:  # a new epoch: every batch once, in a seeded order
             order = torch.randperm(len(batches), generator=g).tolist()
         batch = batches[order.pop()]
-        logits = student_logits(student, base, batch, cfg.loss)
-        targets = batch.targets[batch.targets != -100]                     # (N,)
-        teacher_logits = None
-        if cfg.loss != "ce":  # from the teacher's hidden states, computed once
-            teacher_logits = batch.teacher_logits(base, cfg.loss == "kl_numbers")
-        if cfg.positions == "digits":  # only where the next token is a digit: no separators
-            keep = digit_positions(batch)                                   # (N,)
-            logits, targets = logits[keep], targets[keep]                   # (n, V), (n,)
-            teacher_logits = None if teacher_logits is None else teacher_logits[keep]
+        logits = student_logits(student, base, batch, cfg.loss)             # (N, V)
+        targets, teacher_logits, keep = loss_targets(base, batch, cfg.loss, cfg.positions)
+        if keep is not None:
+            logits = logits[keep]                                           # (n, V)
         loss = distillation_loss(logits, teacher_logits, targets, cfg.loss)
         optimizer.zero_grad()
         loss.backward()

@@ -79,8 +79,22 @@ def read_json(file):
     return data
 
 
+def name_map(cfg, top_names, block_names, block_prefix):
+    """{our name: theirs} for every tensor a model of cfg holds: the top-level ones (the
+    separate lm_head only when the embeddings are untied) and each block's, theirs being
+    f"{block_prefix}{i}.{name}" for block i."""
+    names = {ours: theirs for ours, theirs in top_names.items()
+             if ours != "lm_head.weight" or not cfg.tie_embeddings}
+    for i in range(cfg.n_layer):
+        for ours, theirs in block_names.items():
+            names[f"blocks.{i}.{ours}"] = f"{block_prefix}{i}.{theirs}"
+    return names
+
+
 # ---------------------------------------------------------------------------------- GGUF
-# our name <- GGUF name, per block
+GGUF_TOP_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                  "lm_head.weight": "output.weight"}
+# our name <- GGUF name, per block (blk.{i}.<name>)
 GGUF_BLOCK_NAMES = {
     "attn_norm.weight": "attn_norm.weight", "mlp_norm.weight": "ffn_norm.weight",
     "attn.q_proj.weight": "attn_q.weight", "attn.k_proj.weight": "attn_k.weight",
@@ -126,12 +140,7 @@ def unpermute_rotary(w, n_heads):
 def read_gguf(path):
     g = GGUFFile(path)
     cfg = config_from_gguf(g.metadata, g.tensors, path)
-    rename = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
-    if not cfg.tie_embeddings:
-        rename["lm_head.weight"] = "output.weight"
-    for i in range(cfg.n_layer):
-        for ours, theirs in GGUF_BLOCK_NAMES.items():
-            rename[f"blocks.{i}.{ours}"] = f"blk.{i}.{theirs}"
+    rename = name_map(cfg, GGUF_TOP_NAMES, GGUF_BLOCK_NAMES, "blk.")
     used = {theirs: ours for ours, theirs in rename.items() if theirs in g.tensors}
     unexpected = sorted(set(g.tensors) - set(used))
     if unexpected:
@@ -150,6 +159,8 @@ def read_gguf(path):
 
 # ----------------------------------------------------------------- Hugging Face folders
 HF_ARCHITECTURES = ("llama", "qwen2", "mistral")
+HF_TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                "lm_head.weight": "lm_head.weight"}
 # our name <- Hugging Face name, per block (model.layers.{i}.<name>)
 HF_BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -205,12 +216,8 @@ def read_hf_folder(folder):
                 raise CheckpointError(f"{file}: tensor '{name}' is in two shards")
             theirs[name] = tensor
     cfg = config_from_hf(config, config_file, len(theirs))
-    rename = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
-    if not cfg.tie_embeddings:
-        rename["lm_head.weight"] = "lm_head.weight"
-    for i in range(cfg.n_layer):
-        for ours, hf in HF_BLOCK_NAMES.items():
-            rename[f"model.layers.{i}.{hf}"] = f"blocks.{i}.{ours}"
+    names = name_map(cfg, HF_TOP_NAMES, HF_BLOCK_NAMES, "model.layers.")
+    rename = {hf: ours for ours, hf in names.items()}  # theirs -> ours
     weights = {}
     for name, tensor in theirs.items():
         if name.endswith("rotary_emb.inv_freq"):  # a cached buffer older versions saved

@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from optimizers import make_optimizer
-from student import (Student, digit_positions, distillation_loss, learning_rate,
-                     loss_columns)
+from student import (Student, distillation_loss, learning_rate, loss_columns,
+                     loss_targets)
 
 # what decides which rows a step reads and how they are scored: shared by all K students
 SHARED = ("kind", "layer", "loss", "positions", "steps", "batch_size", "seed", "eval_every")
@@ -83,14 +83,10 @@ def train_together(base, batches, cfgs, track, progress=True):
             order = torch.randperm(len(batches), generator=g).tolist()
         batch = batches[order.pop()]
         logits = together_logits(students, batch, first.loss)             # (K, N, V)
-        targets = batch.targets[batch.targets != -100]                     # (N,)
-        teacher_logits = None
-        if first.loss != "ce":  # from the teacher's hidden states, computed once
-            teacher_logits = batch.teacher_logits(base, first.loss == "kl_numbers")
-        if first.positions == "digits":  # only where the next token is a digit
-            keep = digit_positions(batch)                                  # (N,)
-            logits, targets = logits[:, keep], targets[keep]               # (K, n, V), (n,)
-            teacher_logits = None if teacher_logits is None else teacher_logits[keep]
+        targets, teacher_logits, keep = loss_targets(base, batch, first.loss,
+                                                     first.positions)
+        if keep is not None:
+            logits = logits[:, keep]                                       # (K, n, V)
         losses = torch.stack([distillation_loss(one, teacher_logits, targets, first.loss)
                               for one in logits])                         # (K,)
         for optimizer in optimizers:
