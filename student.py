@@ -279,6 +279,17 @@ def loss_targets(base, batch, loss, positions):
     return targets, teacher_logits, keep
 
 
+def seeded_batches(batches, steps, seed):
+    """(step, batch) for each of `steps` steps: every batch once per epoch, in an order drawn
+    anew each epoch from a generator seeded by `seed` (so a seed fixes the whole order)."""
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    for step in range(steps):
+        if not order:  # a new epoch
+            order = torch.randperm(len(batches), generator=g).tolist()
+        yield step, batches[order.pop()]
+
+
 def train_student(base, batches, cfg, track, progress=True, report=None):
     """Fine-tune a student on prepared batches (plumbing/batches.py: the teacher's rows, with
     its targets) and return it and its history. cfg: StudentConfig (config.py).
@@ -291,18 +302,13 @@ def train_student(base, batches, cfg, track, progress=True, report=None):
         raise ValueError(f"positions must be one of {POSITIONS}, not '{cfg.positions}'")
     student = Student.from_config(base, cfg)
     optimizer = make_optimizer(cfg.opt, student.parameters(), cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = []
     start = time.perf_counter()  # each entry records the seconds since (measuring included)
     history = [{"step": 0, "loss": None, "seconds": 0.0, **track(student)}]
     report = report or (lambda entry: None)
     report(history[-1])
-    bar = tqdm(range(cfg.steps), desc=f"student {cfg.kind} {cfg.opt} {cfg.loss}",
-               disable=not progress)
-    for step in bar:
-        if not order:  # a new epoch: every batch once, in a seeded order
-            order = torch.randperm(len(batches), generator=g).tolist()
-        batch = batches[order.pop()]
+    bar = tqdm(seeded_batches(batches, cfg.steps, cfg.seed), total=cfg.steps,
+               desc=f"student {cfg.kind} {cfg.opt} {cfg.loss}", disable=not progress)
+    for step, batch in bar:
         logits = student_logits(student, base, batch, cfg.loss)             # (N, V)
         targets, teacher_logits, keep = loss_targets(base, batch, cfg.loss, cfg.positions)
         if keep is not None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from optimizers import make_optimizer
 from student import (Student, distillation_loss, learning_rate, loss_columns,
-                     loss_targets)
+                     loss_targets, seeded_batches)
 
 # what decides which rows a step reads and how they are scored: shared by all K students
 SHARED = ("kind", "layer", "loss", "positions", "steps", "batch_size", "seed", "eval_every")
@@ -72,16 +72,11 @@ def train_together(base, batches, cfgs, track, progress=True):
     students = [Student.from_config(base, cfg) for cfg in cfgs]
     optimizers = [make_optimizer(cfg.opt, s.parameters(), cfg.lr)
                   for cfg, s in zip(cfgs, students, strict=True)]
-    g = torch.Generator().manual_seed(first.seed)  # the batch order train_student uses
-    order = []
     start = time.perf_counter()
     histories = [[{"step": 0, "loss": None, "seconds": 0.0, **track(s)}] for s in students]
-    bar = tqdm(range(first.steps), desc=f"{len(cfgs)} vector students together",
-               disable=not progress)
-    for step in bar:
-        if not order:  # a new epoch: every batch once, in a seeded order
-            order = torch.randperm(len(batches), generator=g).tolist()
-        batch = batches[order.pop()]
+    bar = tqdm(seeded_batches(batches, first.steps, first.seed), total=first.steps,
+               desc=f"{len(cfgs)} vector students together", disable=not progress)
+    for step, batch in bar:  # the batch order train_student uses
         logits = together_logits(students, batch, first.loss)             # (K, N, V)
         targets, teacher_logits, keep = loss_targets(base, batch, first.loss,
                                                      first.positions)
