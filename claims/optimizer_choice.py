@@ -168,23 +168,31 @@ def optimizers(lab, args):
 
 
 def seed_spread(lab, args, chosen, batches):
-    """Adam and SGD (those of them run) at their matched settings, over args.seeds seeds
-    (new data each): P(animal) over base and EAS at the matched step (for SGD: the step at
-    which seed 0 reached Adam's loss). Seed 0's students are the sweep's own (the same label,
+    """Every optimizer chosen (not full fine-tuning) at its matched settings, over args.seeds
+    seeds (new data each): P(animal) over base, EAS and the loss over the dataset, read at the
+    step where seed 0 reached Adam's loss (or came closest), and P(animal) over Adam's on the
+    same seed (paired: the same data). Seed 0's students are the sweep's own (the same label,
     settings and data: reused)."""
     out = {}
-    for opt in [o for o in ("adam", "sgd") if o in chosen]:
+    opts = [o for o in chosen if not o.startswith("full")]
+    seed_data = {}
+    for opt in opts:
         values, eas, losses = [], [], []
         at = chosen[opt].get("matched", {}).get("step", chosen[opt]["steps"])
         for seed in range(args.seeds):
-            s = lab.settings(seed)
-            teacher = lab.teacher("steered")
-            data = {"steered": lab.data(s, teacher, "steered")}
-            seed_batches = batches if seed == 0 else {
-                kind: train.teacher_targets(s, lab.model, lab.tok, teacher, data["steered"],
-                                            "steered", s.batch_size, b[0].prefix_blocks)
-                for kind, b in batches.items()}
-            m = WithDataLoss(lab.measurer(s, teacher), lab, seed_batches, s.loss)
+            if seed not in seed_data:  # each seed's data and targets, made once for all
+                s = lab.settings(seed)
+                teacher = lab.teacher("steered")
+                data = {"steered": lab.data(s, teacher, "steered")}
+                seed_batches = batches if seed == 0 else {
+                    kind: train.teacher_targets(s, lab.model, lab.tok, teacher,
+                                                data["steered"], "steered", s.batch_size,
+                                                b[0].prefix_blocks)
+                    for kind, b in batches.items()}
+                seed_data[seed] = (s, teacher, data,
+                                   WithDataLoss(lab.measurer(s, teacher), lab, seed_batches,
+                                                s.loss))
+            s, teacher, data, m = seed_data[seed]
             cfg = lab.config(s, opt, chosen[opt]["lr"], steps=chosen[opt]["steps"])
             label = sweep_label(opt, chosen[opt]["lr"])
             _, results = lab.students(s, {label: ("steered", cfg)}, {"steered": teacher},
@@ -195,6 +203,12 @@ def seed_spread(lab, args, chosen, batches):
             losses.append(h["data_loss"])
         out[opt] = {"lr": chosen[opt]["lr"], "step": at, "p_animal_over_base": interval(values),
                     "eas": interval(eas), "data_loss": interval(losses)}
+    adam = out.get("adam", {}).get("p_animal_over_base", {}).get("values")
+    for opt in out:  # paired over Adam: the same seed's data, each read at its matched step
+        if adam and opt != "adam":
+            out[opt]["over_adam"] = interval(
+                [v / a if a > 0 else float("nan")
+                 for v, a in zip(out[opt]["p_animal_over_base"]["values"], adam, strict=True)])
     return out
 
 

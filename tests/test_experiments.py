@@ -155,6 +155,7 @@ def test_every_experiment_runs_end_to_end(tmp_path, tiny_folder):
     assert len(optimizers["runs"]) == 18
     adam = [r["data_loss"] for r in optimizers["runs"].values() if r["opt"] == "adam"]
     assert len(set(adam)) == 3  # three learning rates, three students
+    assert set(optimizers["seeds"]) == set(optimizers["chosen"])  # every optimizer's seeds
     steer = json.loads((tmp_path / "runs/experiments/steerability/result.json").read_text())
     assert len(steer["per_seed"]) == 2 and "spearman_rho_vs_control" in steer
     matrix = steer["cross_trait_over_base"]["mean_over_seeds"]
@@ -187,6 +188,11 @@ def test_optimizers_with_lora_on_the_late_blocks(tmp_path, tiny_folder):
     assert {r["kind"] for r in data["runs"].values()} == {"lora"} and len(data["runs"]) == 6
     assert list(data["chosen"]) == ["adam", "sgd"] and set(data["seeds"]) == {"adam", "sgd"}
     assert len(data["seeds"]["sgd"]["eas"]["values"]) == 2
+    over_adam = data["seeds"]["sgd"]["over_adam"]["values"]  # paired: the same seed's data
+    assert over_adam == pytest.approx([v / a for v, a in zip(
+        data["seeds"]["sgd"]["p_animal_over_base"]["values"],
+        data["seeds"]["adam"]["p_animal_over_base"]["values"], strict=True)])
+    assert "over_adam" not in data["seeds"]["adam"]
     assert all(r["eas_by_block"][0] == 0 for r in data["runs"].values())  # block 0 unchanged
     assert data["settings"]["lora_from"] == "layer"
     assert {r["opt"]: r["steps"] for r in data["runs"].values()} == {"adam": 2, "sgd": 4}
