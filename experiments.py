@@ -15,7 +15,6 @@ sqrt(n) over seeds (a t interval: with 3 seeds it is wide, and it says so).
 """
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -140,7 +139,8 @@ def write_result(args, result, started):
                            for k, v in vars(args).items()},
               "seconds": round(time.time() - started, 1), "code": code_record(), **result}
     path = args.out / "result.json"
-    path.write_text(json.dumps(result, indent=2, allow_nan=False, default=float))
+    from plumbing.report import write_json  # (imports torch: not at start-up, for --help)
+    write_json(path, result, default=float)  # a NaN (a diverged run) is written as null
     print(f"{result['seconds']:.0f} s; wrote {path} and {args.out / 'figure.png'}")
     return result
 

@@ -71,16 +71,17 @@ def defined(value, where="", undefined=None):
     return value
 
 
-def write_json(path, value):
+def write_json(path, value, default=str):
     """Write `value` as JSON; a figure that is undefined (NaN, infinite) is written as null
-    and named under "undefined", so one undefined figure never costs the others."""
+    and named under "undefined", so one undefined figure never costs the others. `default`
+    turns what JSON cannot hold (a Path, a numpy number) into what it can."""
     undefined = []
     value = defined(value, undefined=undefined)
     if undefined and isinstance(value, dict):
         value["undefined"] = undefined
         print(f"note: {path}: undefined (not finite, written as null): "
               f"{', '.join(undefined[:5])}{' ...' if len(undefined) > 5 else ''}")
-    write_atomic(path, json.dumps(value, indent=2, default=str, allow_nan=False))
+    write_atomic(path, json.dumps(value, indent=2, default=default, allow_nan=False))
 
 
 def print_summary(metrics, out):

@@ -103,6 +103,19 @@ def test_labels_with_dots_get_their_own_files(tmp_path, monkeypatch):
     assert a.done != b.done and "." not in a.path.name
 
 
+def test_an_undefined_figure_does_not_cost_the_result(tmp_path):
+    """A diverged run's NaN (or a ratio over a zero) is written as null and named, not a crash
+    at the end of an experiment that took hours; numpy numbers are written as numbers."""
+    import numpy as np
+    import experiments
+    args = experiments.parse_args(["optimizers", "--out", str(tmp_path)])
+    experiments.write_result(args, {"over_adam": {"mean": float("nan"), "values": [1.5]},
+                                    "p": np.float32(0.25)}, started=0.0)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["over_adam"] == {"mean": None, "values": [1.5]}
+    assert result["undefined"] == ["over_adam.mean"] and result["p"] == 0.25
+
+
 def test_statistics():
     assert interval([1.0])["low"] is None
     i = interval([1.0, 2.0, 3.0])
