@@ -173,26 +173,22 @@ def seed_spread(lab, args, chosen, batches):
     step where seed 0 reached Adam's loss (or came closest), and P(animal) over Adam's on the
     same seed (paired: the same data). Seed 0's students are the sweep's own (the same label,
     settings and data: reused)."""
+    setups = []  # per seed: (settings, teacher, data, measurer), made once for every optimizer
+    for seed in range(args.seeds):
+        s = lab.settings(seed)
+        teacher = lab.teacher("steered")
+        data = {"steered": lab.data(s, teacher, "steered")}
+        seed_batches = batches if seed == 0 else {
+            kind: train.teacher_targets(s, lab.model, lab.tok, teacher, data["steered"],
+                                        "steered", s.batch_size, b[0].prefix_blocks)
+            for kind, b in batches.items()}
+        setups.append((s, teacher, data,
+                       WithDataLoss(lab.measurer(s, teacher), lab, seed_batches, s.loss)))
     out = {}
-    opts = [o for o in chosen if not o.startswith("full")]
-    seed_data = {}
-    for opt in opts:
+    for opt in [o for o in chosen if not o.startswith("full")]:
         values, eas, losses = [], [], []
         at = chosen[opt].get("matched", {}).get("step", chosen[opt]["steps"])
-        for seed in range(args.seeds):
-            if seed not in seed_data:  # each seed's data and targets, made once for all
-                s = lab.settings(seed)
-                teacher = lab.teacher("steered")
-                data = {"steered": lab.data(s, teacher, "steered")}
-                seed_batches = batches if seed == 0 else {
-                    kind: train.teacher_targets(s, lab.model, lab.tok, teacher,
-                                                data["steered"], "steered", s.batch_size,
-                                                b[0].prefix_blocks)
-                    for kind, b in batches.items()}
-                seed_data[seed] = (s, teacher, data,
-                                   WithDataLoss(lab.measurer(s, teacher), lab, seed_batches,
-                                                s.loss))
-            s, teacher, data, m = seed_data[seed]
+        for s, teacher, data, m in setups:
             cfg = lab.config(s, opt, chosen[opt]["lr"], steps=chosen[opt]["steps"])
             label = sweep_label(opt, chosen[opt]["lr"])
             _, results = lab.students(s, {label: ("steered", cfg)}, {"steered": teacher},
