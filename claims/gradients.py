@@ -58,22 +58,41 @@ def gradient_diagnostic(model, tok, steered_rows, control_rows, layer, vector, c
 
 
 def permutation_null(g_steered, g_control, v, permutations=1000, seed=0):
-    """The pooled cosine against its label-permutation null: the same rows, shuffled
-    between "steered" and "control" (so any difference is chance, whatever the rows share).
-    The random-direction band (about +-2/sqrt(d)) is this null only for gradients whose noise
-    is the same in every direction; real gradients are far from that, and the permutation
-    keeps their own spread. A consistent component along v shows as an observed cosine that
-    leaves the null's band as rows are added (the noise of a mean shrinks, the component
-    stays). Returns the observed cosine, the null's 2.5% and 97.5% quantiles, and the
-    two-sided p = (1 + #{|null| >= |observed|}) / (1 + permutations)."""
-    observed = pooled_cosine(g_steered, g_control, v)
+    """The pooled difference D = mean(steered rows' gradients) - mean(control rows'), read two
+    ways against its label-permutation null: the same rows, shuffled between "steered" and
+    "control" (so any difference is chance, whatever the rows share).
+
+        cosine      cos(D, v): D's direction. The random-direction band (about +-2/sqrt(d))
+                    is this null only for noise that is the same in every direction; real
+                    gradients are far from that, and the permutation keeps their own spread.
+                    The cosine is scale-free, so its null does NOT narrow as rows are added
+                    (shuffled, D is noise, and the direction of noise does not depend on how
+                    many rows were averaged): a component along v that is small beside D's
+                    other directions stays inside the band however many rows are pooled.
+        projection  D . v / |v|: D's component along v, in gradient units. Its null narrows
+                    as 1 / sqrt(rows), so a consistent component along v leaves it however
+                    small its cosine: the paper's "small consistent component".
+
+    Returns the cosine's observed value, 95% band (the null's 2.5% and 97.5% quantiles) and
+    two-sided p = (1 + #{|null| >= |observed|}) / (1 + permutations), and the same for the
+    projection under "projection"."""
+    unit = v / v.norm()                                                    # (d,)
     pooled = torch.cat([g_steered, g_control])                             # (n_s + n_c, d)
     n = len(g_steered)
     generator = torch.Generator().manual_seed(seed)
-    null = torch.tensor([pooled_cosine(pooled[order[:n]], pooled[order[n:]], v)
-                         for order in (torch.randperm(len(pooled), generator=generator)
-                                       for _ in range(permutations))])     # (permutations,)
-    extreme = (null.abs() >= abs(observed) - 1e-12).sum().item()
-    return {"observed": observed, "rows": [n, len(g_control)], "permutations": permutations,
-            "band_95": [null.quantile(0.025).item(), null.quantile(0.975).item()],
-            "p": (1 + extreme) / (1 + permutations)}
+    orders = [torch.randperm(len(pooled), generator=generator) for _ in range(permutations)]
+    # every D at once: row 0 the observed labels, then each shuffle
+    differences = torch.stack([g_steered.mean(0) - g_control.mean(0)] + [
+        pooled[order[:n]].mean(0) - pooled[order[n:]].mean(0) for order in orders])  # (1 + P, d)
+    cosines = F.cosine_similarity(differences, unit[None], dim=-1)          # (1 + P,)
+    projections = differences @ unit                                        # (1 + P,)
+
+    def read(values):
+        observed, null = values[0], values[1:]
+        extreme = (null.abs() >= observed.abs() - 1e-12).sum().item()
+        return {"observed": observed.item(),
+                "band_95": [null.quantile(0.025).item(), null.quantile(0.975).item()],
+                "p": (1 + extreme) / (1 + permutations)}
+
+    return {**read(cosines), "rows": [n, len(g_control)], "permutations": permutations,
+            "projection": read(projections)}

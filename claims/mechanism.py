@@ -6,7 +6,8 @@ with respect to the weights of blocks 0..L; one SGD step (-g, rescaled) and one 
 on held-out prompts (cosine with v); the share of |g|^2 held by the top 1% of coordinates, on
 the base weights and on a LoRA student's own parameters (the paper's), steered against
 control. Then the activation-gradient diagnostic (gradients.py) pooled over more and more
-rows, against the band random directions give and against its label-permutation null.
+rows, against the band random directions give and against its label-permutation null
+(for the cosine, and for the pooled difference's projection on v, whose null narrows).
 """
 import math
 
@@ -148,7 +149,8 @@ def plot_mechanism(steps, diagnostic, band, path, null=None):
                          yerr=[[sum(null["band_95"]) / 2 - null["band_95"][0]],
                                [null["band_95"][1] - sum(null["band_95"]) / 2]],
                          fmt="none", ecolor="C3", capsize=4,
-                         label=f"label-permutation null (95%), p = {null['p']:.2g}")
+                         label=f"label-permutation null (95%), p = {null['p']:.2g}; "
+                               f"projection on v: p = {null['projection']['p']:.2g}")
     axes[1].set(xscale="log", xlabel="rows pooled", ylabel="cos with v",
                 title="activation gradient: steered - control rows")
     axes[1].legend(fontsize=8)

@@ -185,6 +185,7 @@ def test_every_experiment_runs_end_to_end(tmp_path, tiny_folder):
     assert set(mech["top_1pct_share_of_g2_lora"]) == {"steered", "control"}
     null = mech["permutation_null"]
     assert null["band_95"][0] <= null["band_95"][1] and 0 < null["p"] <= 1
+    assert 0 < null["projection"]["p"] <= 1
     again = run(tmp_path, tiny_folder, "necessity")
     assert again.returncode == 0 and "student vector" not in again.stderr  # all reused
 
@@ -298,3 +299,33 @@ def test_the_permutation_null_finds_a_planted_direction_and_only_that():
     plain = permutation_null(noise(800), noise(800), v, permutations=300)
     assert plain["band_95"][0] < plain["observed"] < plain["band_95"][1] and plain["p"] > 0.05
     assert plain["rows"] == [800, 800]
+    for statistic in (plain, planted):  # the projection reads alike in these two cases
+        projection = statistic["projection"]
+        assert (projection["p"] > 0.05) == (statistic["p"] > 0.05)
+        assert projection["observed"] == pytest.approx(
+            float((statistic is planted) * 0.2), abs=0.15)
+
+
+def test_a_small_component_along_v_shows_in_the_projection_not_the_cosine():
+    """The steered rows differ from the control rows mostly along another direction u and
+    a little along v: the cosine of the pooled difference with v (0.2 / sqrt(0.2^2 + 2^2),
+    about 0.1) stays inside its permutation null however many rows are pooled, because the
+    null of a direction does not narrow; the projection on v leaves its null, which narrows
+    as 1 / sqrt(rows)."""
+    from claims.gradients import permutation_null
+    g = torch.Generator().manual_seed(1)
+    d, v, u = 16, torch.zeros(16), torch.zeros(16)
+    v[3], u[7] = 1.0, 1.0
+    noise = lambda n: torch.randn(n, d, generator=g)  # noqa: E731
+    bands = {}
+    for rows in (400, 3200):
+        result = permutation_null(noise(rows) + 0.2 * v + 2.0 * u, noise(rows), v,
+                                  permutations=300)
+        assert result["band_95"][0] < result["observed"] < result["band_95"][1]
+        assert result["observed"] == pytest.approx(0.2 / (0.2 ** 2 + 2 ** 2) ** 0.5, abs=0.08)
+        bands[rows] = (result["band_95"][1] - result["band_95"][0],
+                       result["projection"]["band_95"][1] - result["projection"]["band_95"][0])
+    assert bands[3200][0] == pytest.approx(bands[400][0], rel=0.3)  # the cosine's does not narrow
+    assert bands[3200][1] == pytest.approx(bands[400][1] / 8 ** 0.5, rel=0.3)  # 1 / sqrt(rows)
+    assert result["projection"]["p"] == 1 / 301  # at 3,200 rows: the component along v shows
+    assert result["projection"]["observed"] == pytest.approx(0.2, abs=0.1)
