@@ -75,7 +75,9 @@ def permutation_null(g_steered, g_control, v, permutations=1000, seed=0):
 
     Returns the cosine's observed value, 95% band (the null's 2.5% and 97.5% quantiles) and
     two-sided p = (1 + #{|null| >= |observed|}) / (1 + permutations), and the same for the
-    projection under "projection"."""
+    projection under "projection". The permutation says whether the two groups differ along
+    v, not which one does: "per_group" gives each group's own mean projection on v with its
+    standard error (descent moves the residual along v where it is negative)."""
     unit = v / v.norm()                                                    # (d,)
     pooled = torch.cat([g_steered, g_control])                             # (n_s + n_c, d)
     n = len(g_steered)
@@ -94,5 +96,11 @@ def permutation_null(g_steered, g_control, v, permutations=1000, seed=0):
                 "band_95": [null.quantile(0.025).item(), null.quantile(0.975).item()],
                 "p": (1 + extreme) / (1 + permutations)}
 
+    def mean_and_error(g):
+        along = g @ unit                                                   # (n_rows,)
+        return {"mean": along.mean().item(), "se": (along.std() / len(along) ** 0.5).item()}
+
     return {**read(cosines), "rows": [n, len(g_control)], "permutations": permutations,
-            "projection": read(projections)}
+            "projection": read(projections),
+            "per_group": {"steered": mean_and_error(g_steered),
+                          "control": mean_and_error(g_control)}}

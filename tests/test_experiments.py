@@ -329,3 +329,7 @@ def test_a_small_component_along_v_shows_in_the_projection_not_the_cosine():
     assert bands[3200][1] == pytest.approx(bands[400][1] / 8 ** 0.5, rel=0.3)  # 1 / sqrt(rows)
     assert result["projection"]["p"] == 1 / 301  # at 3,200 rows: the component along v shows
     assert result["projection"]["observed"] == pytest.approx(0.2, abs=0.1)
+    groups = result["per_group"]  # the steered rows carry it, each mean within its error
+    assert groups["steered"]["mean"] == pytest.approx(0.2, abs=4 * groups["steered"]["se"])
+    assert groups["control"]["mean"] == pytest.approx(0.0, abs=4 * groups["control"]["se"])
+    assert groups["steered"]["se"] == pytest.approx(1 / 3200 ** 0.5, rel=0.1)
