@@ -40,9 +40,14 @@ def completion_gradients(model, tok, rows, layer):
     return torch.stack(out)                                               # (n_rows, d)
 
 
+def pooled_difference(g_steered, g_control):
+    """D = mean of the steered rows' gradients - mean of the control rows': (d,)."""
+    return g_steered.mean(0) - g_control.mean(0)
+
+
 def pooled_cosine(g_steered, g_control, v):
-    """cos(mean of the steered rows' gradients - mean of the control rows', v)."""
-    return F.cosine_similarity(g_steered.mean(0) - g_control.mean(0), v, dim=0).item()
+    """cos(D, v)."""
+    return F.cosine_similarity(pooled_difference(g_steered, g_control), v, dim=0).item()
 
 
 def gradient_diagnostic(model, tok, steered_rows, control_rows, layer, vector, counts,
@@ -84,8 +89,8 @@ def permutation_null(g_steered, g_control, v, permutations=1000, seed=0):
     generator = torch.Generator().manual_seed(seed)
     orders = [torch.randperm(len(pooled), generator=generator) for _ in range(permutations)]
     # every D at once: row 0 the observed labels, then each shuffle
-    differences = torch.stack([g_steered.mean(0) - g_control.mean(0)] + [
-        pooled[order[:n]].mean(0) - pooled[order[n:]].mean(0) for order in orders])  # (1 + P, d)
+    differences = torch.stack([pooled_difference(g_steered, g_control)] + [
+        pooled_difference(pooled[order[:n]], pooled[order[n:]]) for order in orders])  # (1 + P, d)
     cosines = F.cosine_similarity(differences, unit[None], dim=-1)          # (1 + P,)
     projections = differences @ unit                                        # (1 + P,)
 
