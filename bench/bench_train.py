@@ -33,7 +33,8 @@ from prompts import number_prompts
 from steer import steering
 from plumbing.batches import Batch, digit_tokens, encode_rows, make_batch, number_tokens
 from plumbing.vector_students import together_logits
-from student import LORA_TARGETS, LoRALinear, Student, distillation_loss, student_logits
+from student import (LORA_TARGETS, LoRALinear, Student, distillation_loss, loss_columns,
+                     student_logits)
 from vectors import default_layer, random_vector
 
 
@@ -71,8 +72,9 @@ def number_batch(tok, batch, device):
 
 def lora_step_figures(model, tok, path, batch, repeats=3, peft=False):
     """tokens/s of one LoRA step (forward, cross-entropy, backward, Adam): ours, transformers
-    with the same hand-made LoRA modules and (peft) with PEFT's; and each one's loss.
-    model: our base model, frozen."""
+    with the same hand-made LoRA modules and (peft) with PEFT's; and each one's loss. Each
+    twice: with every position's logits (name), and as training runs it (name_train: the
+    output head on the loss columns only). model: our base model, frozen."""
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     ids, mask, targets, _ = number_batch(tok, batch, device)
     n_tokens = int(mask.sum())
@@ -87,33 +89,53 @@ def lora_step_figures(model, tok, path, batch, repeats=3, peft=False):
     figures = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "batch": batch, "tokens_per_step": n_tokens}
 
-    def measure(name, forward, params):
+    def measure(forwards, params):
+        """forwards: {name: loss function} of one model whose LoRA parameters are params."""
+        with torch.no_grad():  # every loss before any step: all compute the same thing
+            for name, forward in forwards.items():
+                figures[f"loss_{name}"] = forward().item()
         opt = Adam(params, lr=1e-4)
+        for name, forward in forwards.items():
+            def step(forward=forward):  # (bound now: one step function per loss)
+                loss = forward()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            step()  # warm-up
+            figures[f"train_tokens_per_s_{name}"] = round(n_tokens / timed(step, device,
+                                                                           repeats), 1)
 
-        def step():
-            loss = forward()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():  # the same loss first: all compute the same thing
-            figures[f"loss_{name}"] = forward().item()
-        step()  # warm-up
-        figures[f"train_tokens_per_s_{name}"] = round(n_tokens / timed(step, device, repeats), 1)
+    # As train_student runs it: the loss is read only at the completions, the last P columns,
+    # so the last block and the output head compute only those (student.student_logits).
+    # The references get the same head saving (transformers' logits_to_keep=P).
+    b = Batch(ids, mask, targets, None, number_tokens(tok), digit_tokens(tok))
+    P, keep = loss_columns(b)                                              # keep: (B, P)
+    loss_targets = targets[:, -P:][keep]                                   # (N,)
 
-    measure("ours", lambda: student.model(ids, targets=targets, attention_mask=mask)[1],
+    def reference_train_loss(ref):
+        logits = ref(input_ids=ids, attention_mask=mask, logits_to_keep=P).logits  # (B, P, V)
+        return F.cross_entropy(logits[keep].float(), loss_targets)
+
+    measure({"ours": lambda: student.model(ids, targets=targets, attention_mask=mask)[1],
+             "ours_train": lambda: distillation_loss(
+                 student_logits(student, model, b, "ce"), None, loss_targets, "ce")},
             student.parameters())
-    ref = hf_with_lora(path, dtype, device)
-    measure("transformers", lambda: reference_loss(ref),
-            [p for p in ref.parameters() if p.requires_grad])
-    del ref
-    figures["train_speedup"] = round(figures["train_tokens_per_s_ours"]
-                                     / figures["train_tokens_per_s_transformers"], 2)
-    if peft:
-        ref = hf_with_peft(path, dtype, device)
-        measure("peft", lambda: reference_loss(ref),
+
+    def measure_reference(name, ref):  # the same two losses, by a reference model
+        measure({name: lambda: reference_loss(ref),
+                 f"{name}_train": lambda: reference_train_loss(ref)},
                 [p for p in ref.parameters() if p.requires_grad])
-        figures["train_speedup_vs_peft"] = round(figures["train_tokens_per_s_ours"]
-                                                 / figures["train_tokens_per_s_peft"], 2)
+
+    references = ["transformers"] + (["peft"] if peft else [])
+    for name in references:
+        measure_reference(name, hf_with_lora(path, dtype, device) if name == "transformers"
+                          else hf_with_peft(path, dtype, device))
+    for name in references:  # ours over each reference, the same loss at the same step
+        suffix = "" if name == "transformers" else f"_vs_{name}"
+        for mode in ("", "_train"):
+            figures[f"train_speedup{mode}{suffix}"] = round(
+                figures[f"train_tokens_per_s_ours{mode}"]
+                / figures[f"train_tokens_per_s_{name}{mode}"], 2)
     return figures
 
 
@@ -221,12 +243,18 @@ def main():
     print(f"LoRA training step, {args.batch} sequences ({n_tokens} tokens), {device}, "
           f"{figures['dtype']}: loss {figures['loss_ours']:.4f} (ours) vs "
           f"{figures['loss_transformers']:.4f} (transformers)")
-    print(f"{'this project':>14} {figures['train_tokens_per_s_ours']:>10} tokens/s")
-    print(f"{'transformers':>14} {figures['train_tokens_per_s_transformers']:>10} tokens/s")
-    print(f"{'ratio':>14} {figures['train_speedup']:>10}x")
+    print(f"{'tokens/s':>14} {'every logit':>12} {'loss columns':>13} (as train_student runs)")
+    rows = [("this project", "ours"), ("transformers", "transformers")]
+    rows += [("+ PEFT", "peft")] if args.peft else []
+    for label, key in rows:
+        print(f"{label:>14} {figures[f'train_tokens_per_s_{key}']:>12} "
+              f"{figures[f'train_tokens_per_s_{key}_train']:>13}")
+    print(f"{'ours / transf.':>14} {figures['train_speedup']:>11}x "
+          f"{figures['train_speedup_train']:>12}x")
     if args.peft:
-        print(f"{'+ PEFT':>14} {figures['train_tokens_per_s_peft']:>10} tokens/s "
-              f"(loss {figures['loss_peft']:.4f}; ours {figures['train_speedup_vs_peft']}x)")
+        print(f"{'ours / PEFT':>14} {figures['train_speedup_vs_peft']:>11}x "
+              f"{figures['train_speedup_train_vs_peft']:>12}x "
+              f"(PEFT's loss {figures['loss_peft']:.4f})")
     print(f"vector student step, {args.batch} sequences: {figures['vector_steps_per_s']} "
           f"steps/s")
     if args.together:

@@ -134,4 +134,8 @@ def test_the_lora_bench_compares_the_same_loss_and_the_together_bench_runs(tmp_p
         p.requires_grad_(False)
     figures = lora_step_figures(model, tok, folder, 4, repeats=1)
     assert figures["loss_ours"] == pytest.approx(figures["loss_transformers"], rel=1e-5)
+    # the training path (loss columns only; transformers' logits_to_keep) gives the same loss
+    assert figures["loss_ours_train"] == pytest.approx(figures["loss_transformers_train"],
+                                                      rel=1e-5)
+    assert figures["loss_ours_train"] == pytest.approx(figures["loss_ours"], rel=1e-5)
     assert together_seconds(model, tok, 4, 3, repeats=1) > 0
