@@ -109,7 +109,9 @@ def bench_items(tiny, have_peft):
     impls = 3 if have_peft else 2
     items.append(Item("bench-lora-step", WEIGHTS["bench-lora-step"], {},
                       (impls - 1) * HF_LOAD_S,  # transformers' model, once per reference
-                      {f"lora_step@{b}": impls * (repeats + 2) for b in lora_batches},
+                      # each implementation: two steps (every logit; loss columns only),
+                      # each its loss, a warm-up and `repeats` timed runs
+                      {f"lora_step@{b}": impls * 2 * (repeats + 2) for b in lora_batches},
                       1.0, "bench", dict(batches=lora_batches, repeats=repeats,
                                          peft=have_peft)))
     vector_batches = [4] if tiny else [4, 8]
