@@ -110,7 +110,7 @@ def lora_step_figures(model, tok, path, batch, repeats=3, peft=False):
     # The references get the same head saving (transformers' logits_to_keep=P).
     b = Batch(ids, mask, targets, None, number_tokens(tok), digit_tokens(tok))
     P, keep = loss_columns(b)                                              # keep: (B, P)
-    loss_targets = targets[:, -P:][keep]                                   # (N,)
+    loss_targets = targets[targets != -100]                                # (N,)
 
     def reference_train_loss(ref):
         logits = ref(input_ids=ids, attention_mask=mask, logits_to_keep=P).logits  # (B, P, V)
@@ -126,11 +126,10 @@ def lora_step_figures(model, tok, path, batch, repeats=3, peft=False):
                  f"{name}_train": lambda: reference_train_loss(ref)},
                 [p for p in ref.parameters() if p.requires_grad])
 
-    references = ["transformers"] + (["peft"] if peft else [])
-    for name in references:
-        measure_reference(name, hf_with_lora(path, dtype, device) if name == "transformers"
-                          else hf_with_peft(path, dtype, device))
-    for name in references:  # ours over each reference, the same loss at the same step
+    references = {"transformers": hf_with_lora} | ({"peft": hf_with_peft} if peft else {})
+    for name, build in references.items():
+        measure_reference(name, build(path, dtype, device))
+        # ours over this reference, the same loss at the same step
         suffix = "" if name == "transformers" else f"_vs_{name}"
         for mode in ("", "_train"):
             figures[f"train_speedup{mode}{suffix}"] = round(
